@@ -1,0 +1,244 @@
+"""Configuration: size and duration units, the home layout, YAML files.
+
+Everything here is pure: a YAML text or a flag value goes in, a frozen attrs
+object or a ``ValueError`` with a one-line reason comes out.  The ``tap``
+modules turn those errors into ``usage.UsageError``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import attrs
+import yaml
+
+DEFAULT_SUPERNODE_PORT = 8002
+DEFAULT_DOWNLOAD_PORT = 8001
+DEFAULT_DFGET_CONFIG = "/etc/dragonfly/dfget.yml"
+DEFAULT_SUPERNODE_CONFIG = "/etc/dragonfly/supernode.yml"
+
+_SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``10M``, ``512K``, ``1G``, ``20MB`` or a plain number; ``0`` means unlimited.
+
+    Units are binary (``1K`` = 1024), as Dragonfly's were.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"invalid size {value}: must not be negative")
+        return value
+    match = _SIZE.match(str(value))
+    if match is None:
+        raise ValueError(f"invalid size {value!r}: use a number with an optional K, M or G suffix, e.g. 10M")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from ``300``, ``90s``, ``5m``, ``3m0s``, ``1h30m`` or ``250ms``."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"invalid duration {value}: must not be negative")
+        return float(value)
+    text = str(value).strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"invalid duration {value!r}: use e.g. 90s, 5m, 1h30m or a number of seconds")
+    return sum(float(n) * _SECONDS[u] for n, u in parts)
+
+
+def parse_node(text: str, default_port: int = DEFAULT_SUPERNODE_PORT) -> tuple[str, int]:
+    """``host[:port]`` of a supernode; the port defaults to 8002."""
+    text = text.strip()
+    host, port = text, default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"invalid node {text!r}")
+            port = _port(rest[1:], text)
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = _port(port_text, text)
+    if not host or not re.fullmatch(r"[A-Za-z0-9._:-]+", host):
+        raise ValueError(f"invalid node {text!r}: expected host or host:port")
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"invalid port in {whole!r}: expected 1-65535")
+    return int(text)
+
+
+def parse_nodes(values: str | list[str] | tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """Nodes from ``--node a,b --node c`` or a YAML list, in the order given."""
+    items = [values] if isinstance(values, str) else list(values)
+    nodes: list[tuple[str, int]] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"invalid node {item!r}: expected host or host:port")
+        nodes.extend(parse_node(part) for part in item.split(",") if part.strip())
+    return tuple(nodes)
+
+
+def format_node(node: tuple[str, int]) -> str:
+    host, port = node
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"invalid IP address {text!r}") from None
+
+
+def default_home() -> str:
+    return os.path.join(os.path.expanduser("~"), ".small-dragonfly")
+
+
+@attrs.frozen
+class Home:
+    """The per-user directory tree: ``logs/``, ``meta/``, ``data/``."""
+
+    root: str
+
+    @property
+    def logs(self) -> str:
+        return os.path.join(self.root, "logs")
+
+    @property
+    def meta(self) -> str:
+        return os.path.join(self.root, "meta")
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.root, "data")
+
+    @property
+    def host_meta(self) -> str:
+        return os.path.join(self.meta, "host.meta")
+
+    @property
+    def daemon_lock(self) -> str:
+        return os.path.join(self.meta, "daemon.lock")
+
+    def log_file(self, name: str) -> str:
+        return os.path.join(self.logs, name)
+
+    def ensure(self) -> "Home":
+        """Create the tree (owner-only: host.meta holds the local API token)."""
+        for path in (self.root, self.logs, self.meta, self.data):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        return self
+
+
+# --- YAML files ---------------------------------------------------------------
+
+
+def _read_yaml(path: str, required: bool) -> Mapping[str, Any]:
+    """The mapping in ``path``; ``{}`` when an optional default file is absent."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        if required:
+            raise ValueError(f"config file {path} does not exist") from None
+        return {}
+    except (OSError, yaml.YAMLError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot read config file {path}: {reason}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of keys at the top")
+    return data
+
+
+def _apply(path: str, data: Mapping[str, Any], keys: Mapping[str, tuple[str, Callable[[Any], Any]]]) -> dict[str, Any]:
+    """Map file keys to attribute names, converting and rejecting unknown keys."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in keys:
+            known = ", ".join(sorted(keys))
+            raise ValueError(f"config file {path}: unknown key {key!r} (known keys: {known})")
+        name, convert = keys[key]
+        try:
+            out[name] = convert(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config file {path}: key {key!r}: {e}") from None
+    return out
+
+
+def _positive_port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536:
+        raise ValueError(f"invalid port {value!r}: expected 0-65535")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+@attrs.frozen
+class DfgetFileConfig:
+    """What ``dfget.yml`` may set; flags override each field."""
+
+    nodes: tuple[tuple[str, int], ...] = ()
+    min_rate: int = 64 << 10
+    timeout: float = 0.0
+
+
+_DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "nodes": ("nodes", parse_nodes),
+    "minRate": ("min_rate", parse_size),
+    "timeout": ("timeout", parse_duration),
+}
+
+
+def load_dfget_config(path: str = DEFAULT_DFGET_CONFIG, required: bool = False) -> DfgetFileConfig:
+    return DfgetFileConfig(**_apply(path, _read_yaml(path, required), _DFGET_KEYS))
+
+
+@attrs.frozen
+class SupernodeFileConfig:
+    """What ``supernode.yml`` may set; flags override each field."""
+
+    port: int = DEFAULT_SUPERNODE_PORT
+    download_port: int = DEFAULT_DOWNLOAD_PORT
+    listen: str = "0.0.0.0"
+    home: str = attrs.field(factory=lambda: os.path.join(default_home(), "supernode"))
+    advertise_ip: str | None = None
+    fail_access_interval: float = 180.0
+    poll_timeout: float = 5.0
+
+
+_SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "port": ("port", _positive_port),
+    "downloadPort": ("download_port", _positive_port),
+    "listen": ("listen", check_ip),
+    "home": ("home", _string),
+    "advertiseIp": ("advertise_ip", check_ip),
+    "failAccessInterval": ("fail_access_interval", parse_duration),
+    "pollTimeout": ("poll_timeout", parse_duration),
+}
+
+
+def load_supernode_config(path: str = DEFAULT_SUPERNODE_CONFIG, required: bool = False) -> SupernodeFileConfig:
+    return SupernodeFileConfig(**_apply(path, _read_yaml(path, required), _SUPERNODE_KEYS))

@@ -1,0 +1,75 @@
+"""Log files in Dragonfly's line format, and the ``sign`` that ties lines to a run.
+
+A line reads ``2019-02-13 15:20:45.757 INFO sign:31923-1550042443.708 : message``,
+so the operators' habit of ``grep <sign> dfclient.log`` keeps working.  Code
+logs structured events through ``twisted.logger.Logger``; the text format is
+only this observer's business.  An event may carry its own ``sign`` field (a
+peer daemon logs on behalf of the ``dfget`` run that asked it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import Callable
+
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    PredicateResult,
+    formatEvent,
+)
+
+#: The namespace of per-download events that go to ``dfclient.log``.
+CLIENT_NAMESPACE = "dfly.client"
+
+
+def make_sign(pid: int, seconds: float) -> str:
+    """``<pid>-<unix time with 3 decimals>``: unique per process run."""
+    return f"{pid}-{seconds:.3f}"
+
+
+def format_line(event: LogEvent, default_sign: str | None) -> str | None:
+    """One log line (with any traceback after it), or None for an empty event."""
+    message = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        message = f"{message}\n{failure.getTraceback()}".rstrip("\n")
+    if not message:
+        return None
+    stamp = event.get("log_time") or time.time()
+    millis = int((stamp - int(stamp)) * 1000)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) + f".{millis:03d}"
+    levl = getattr(event.get("log_level"), "name", "info").upper()[:4]
+    sign = event.get("sign") or default_sign
+    prefix = f"{when} {levl} sign:{sign} : " if sign else f"{when} {levl} : "
+    return prefix + message + "\n"
+
+
+def open_log(path: str) -> io.TextIOWrapper:
+    """Append-mode text file, created with its directory; line-buffered."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return open(path, "a", encoding="utf-8", buffering=1)
+
+
+def line_observer(
+    out: io.TextIOBase,
+    default_sign: str | None,
+    accept: Callable[[LogEvent], bool] | None = None,
+) -> ILogObserver:
+    """An observer writing Dragonfly-format lines to ``out``, optionally filtered."""
+    observer = FileLogObserver(out, lambda event: format_line(event, default_sign))
+    if accept is None:
+        return observer
+
+    def predicate(event: LogEvent) -> PredicateResult:
+        return PredicateResult.yes if accept(event) else PredicateResult.no
+
+    return FilteringLogObserver(observer, [predicate])
+
+
+def is_client_event(event: LogEvent) -> bool:
+    return str(event.get("log_namespace", "")).startswith(CLIENT_NAMESPACE)

@@ -1,0 +1,198 @@
+"""The supernode's register API (port 8002): thin klein handlers over `TaskManager`.
+
+Handlers parse and validate, call the domain, and answer the JSON envelope;
+`ApiError` becomes a 4xx/5xx with the Dragonfly code.  Names and codes are
+Dragonfly's so operators recognise them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import platform
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+import dfly
+from dfly import codes
+from dfly.jsonapi import ApiError, bad_request, envelope, error_body, query_arg, query_int, read_json
+from dfly.pieces import is_md5, is_task_id, parse_filter, parse_range, piece_num_of, task_id, task_url
+from dfly.source import check_url, parse_header_lines
+from dfly.supernode.tasks import Registration, TaskManager
+
+log = Logger(namespace="dfly.supernode.api")
+
+
+def parse_registration(body: dict[str, Any]) -> Registration:
+    """Validate a registration body; accepts Dragonfly's ``rawUrl`` spelling too."""
+    url = body.get("url", body.get("rawUrl"))
+    try:
+        url = check_url(url)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    headers_in = body.get("headers") or []
+    try:
+        if isinstance(headers_in, dict):
+            headers = parse_header_lines(f"{k}: {v}" for k, v in headers_in.items())
+        elif isinstance(headers_in, list) and all(isinstance(h, str) for h in headers_in):
+            headers = parse_header_lines(headers_in)
+        else:
+            raise ValueError("headers must be a list of 'Name: value' strings")
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    md5 = body.get("md5") or None
+    identifier = body.get("identifier") or None
+    if md5 is not None and identifier is not None:
+        raise bad_request("give md5 or identifier, not both")
+    if md5 is not None and (not isinstance(md5, str) or not is_md5(md5)):
+        raise bad_request(f"invalid md5 {md5!r}: expected 32 hex digits")
+    if identifier is not None and not isinstance(identifier, str):
+        raise bad_request("identifier must be a string")
+    filter_spec = body.get("filter")
+    if filter_spec is not None and not (
+        isinstance(filter_spec, str) or (isinstance(filter_spec, list) and all(isinstance(k, str) for k in filter_spec))
+    ):
+        raise bad_request("filter must be 'k1&k2' or a list of query keys")
+    cid = body.get("cid")
+    if not isinstance(cid, str) or not cid or len(cid) > 256:
+        raise bad_request("missing or invalid cid")
+    ip = body.get("ip")
+    try:
+        ip = str(ipaddress.ip_address(ip if isinstance(ip, str) else ""))
+    except ValueError:
+        raise bad_request(f"invalid ip {body.get('ip')!r}") from None
+    port = body.get("port", 0)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+        raise bad_request(f"invalid port {port!r}: expected 0-65535")
+    host_name = body.get("hostName", "")
+    if not isinstance(host_name, str):
+        raise bad_request("hostName must be a string")
+    turl = task_url(url, parse_filter(filter_spec))
+    md5 = md5.lower() if md5 else None
+    return Registration(
+        url=url,
+        task_url=turl,
+        task_id=task_id(turl, md5, identifier),
+        headers=headers,
+        md5=md5,
+        identifier=identifier,
+        cid=cid,
+        ip=ip,
+        port=port,
+        host_name=host_name,
+    )
+
+
+def _task_id_arg(request: IRequest) -> str:
+    value = query_arg(request, "taskId")
+    if not is_task_id(value):
+        raise bad_request(f"invalid taskId {value!r}")
+    return value
+
+
+class SupernodeApi:
+    app = Klein()
+
+    def __init__(self, tasks: TaskManager, download_port: int, advertise_ip: str | None = None) -> None:
+        self.tasks = tasks
+        self.download_port = download_port
+        self.advertise_ip = advertise_ip
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.handle_errors(ApiError)
+    def api_error(self, request: IRequest, failure: Any) -> bytes:
+        return error_body(request, failure.value)
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request: IRequest, failure: Any) -> bytes:
+        """Unknown routes and wrong methods get JSON too."""
+        e = failure.value
+        return error_body(request, ApiError(e.code, codes.PARAM_ERROR, f"{request.method.decode()} {request.path.decode(errors='replace')}: {e.name}"))
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Any) -> bytes:
+        log.failure("unexpected error in {method} {path}", failure, method=request.method, path=request.path)
+        return error_body(request, ApiError(500, codes.SYSTEM_ERROR, f"internal error: {failure.getErrorMessage()}"))
+
+    @app.route("/peer/registry", methods=["POST"])
+    async def registry(self, request: IRequest) -> bytes:
+        reg = parse_registration(read_json(request))
+        task = await self.tasks.register(reg)
+        return envelope(
+            request,
+            codes.SUCCESS,
+            "success",
+            {"taskId": task.task_id, "fileLength": task.length, "pieceSize": task.piece_size},
+        )
+
+    @app.route("/peer/task", methods=["GET"])
+    async def pull(self, request: IRequest) -> bytes:
+        tid = _task_id_arg(request)
+        cid = query_arg(request, "srcCid")
+        # Dragonfly clients report their previous piece in the pull itself.
+        reported = query_arg(request, "range", required=False)
+        if reported:
+            result = query_int(request, "result")
+            task = self.tasks.task(tid)
+            self.tasks.piece_result(tid, cid, _piece_num(reported, task.piece_size), result in (501, 503))
+        code, data = await self.tasks.pull(tid, cid, self._cdn_ip(request), self.download_port)
+        msg = {codes.PEER_CONTINUE: "continue", codes.PEER_FINISH: "finish", codes.PEER_WAIT: "wait"}[code]
+        return envelope(request, code, msg, data)
+
+    @app.route("/peer/piece/suc", methods=["GET"])
+    def piece_success(self, request: IRequest) -> bytes:
+        tid = _task_id_arg(request)
+        cid = query_arg(request, "cid")
+        task = self.tasks.task(tid)
+        text = query_arg(request, "pieceRange", required=False) or query_arg(request, "range")
+        self.tasks.piece_result(tid, cid, _piece_num(text, task.piece_size), True)
+        return envelope(request, codes.PIECE_REPORTED, "success")
+
+    @app.route("/peer/piece/error", methods=["GET"])
+    def piece_error(self, request: IRequest) -> bytes:
+        tid = _task_id_arg(request)
+        cid = query_arg(request, "cid", required=False) or query_arg(request, "srcCid")
+        task = self.tasks.task(tid)
+        piece = _piece_num(query_arg(request, "range"), task.piece_size)
+        kind = query_arg(request, "kind", required=False) or query_arg(request, "errorType", required=False)
+        log.warn(
+            "piece {piece} of taskID:{task_id} failed for {cid} from {dst}: {kind}",
+            piece=piece, task_id=tid, cid=cid, dst=query_arg(request, "dstCid", required=False), kind=kind,
+        )
+        self.tasks.piece_result(tid, cid, piece, False)
+        return envelope(request, codes.PIECE_REPORTED, "recorded")
+
+    @app.route("/peer/service/down", methods=["GET"])
+    def service_down(self, request: IRequest) -> bytes:
+        self.tasks.service_down(_task_id_arg(request), query_arg(request, "cid"))
+        return envelope(request, codes.PEER_DOWN, "success")
+
+    @app.route("/_ping", methods=["GET"])
+    def ping(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return b"OK"
+
+    @app.route("/version", methods=["GET"])
+    def version(self, request: IRequest) -> bytes:
+        return envelope(
+            request,
+            codes.SUCCESS,
+            "success",
+            {"version": dfly.__version__, "python": platform.python_version(), "os": platform.system().lower()},
+        )
+
+    def _cdn_ip(self, request: IRequest) -> str:
+        """Where peers reach the CDN: --advertise-ip, else the address they reached us on."""
+        return self.advertise_ip or request.getHost().host
+
+
+def _piece_num(text: str, piece_size: int) -> int:
+    try:
+        return piece_num_of(parse_range(text), piece_size)
+    except ValueError as e:
+        raise bad_request(str(e)) from None

@@ -1,0 +1,164 @@
+"""The supernode's on-disk piece cache and the file server on the CDN port.
+
+Layout: ``<home>/repo/download/<id[:3]>/<id>`` holds the raw bytes of a task
+(piece n at offset n * pieceSize) and ``<id>.meta`` a JSON record of where
+they came from.  The download port serves only those data files, by Range,
+so nginx pointed at ``<home>/repo`` could do the same job at scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import attrs
+from twisted.web import resource, static
+from twisted.web.iweb import IRequest
+
+from dfly.pieces import is_task_id
+
+META_VERSION = 1
+
+
+@attrs.frozen
+class CacheMeta:
+    """What the cache knows about one task's bytes; persisted as ``<id>.meta``."""
+
+    task_id: str
+    url: str
+    length: int
+    piece_size: int
+    piece_digests: tuple[str, ...] = ()
+    etag: str | None = None
+    last_modified: str | None = None
+    state: str = "running"  # running | done | failed
+    md5: str | None = None
+    identifier: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": META_VERSION,
+            "taskId": self.task_id,
+            "url": self.url,
+            "length": self.length,
+            "pieceSize": self.piece_size,
+            "pieceDigests": list(self.piece_digests),
+            "etag": self.etag,
+            "lastModified": self.last_modified,
+            "state": self.state,
+            "md5": self.md5,
+            "identifier": self.identifier,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CacheMeta":
+        if data.get("version") != META_VERSION:
+            raise ValueError(f"unsupported meta version {data.get('version')!r}")
+        return cls(
+            task_id=str(data["taskId"]),
+            url=str(data["url"]),
+            length=int(data["length"]),
+            piece_size=int(data["pieceSize"]),
+            piece_digests=tuple(str(d) for d in data["pieceDigests"]),
+            etag=data.get("etag"),
+            last_modified=data.get("lastModified"),
+            state=str(data["state"]),
+            md5=data.get("md5"),
+            identifier=data.get("identifier"),
+        )
+
+
+@attrs.define(eq=False)
+class CdnCache:
+    """Paths and metadata of cached tasks under ``<home>/repo``."""
+
+    home: str
+
+    @property
+    def repo(self) -> str:
+        return os.path.join(self.home, "repo")
+
+    def data_path(self, task_id: str) -> str:
+        return os.path.join(self.repo, "download", task_id[:3], task_id)
+
+    def meta_path(self, task_id: str) -> str:
+        return self.data_path(task_id) + ".meta"
+
+    @staticmethod
+    def url_path(task_id: str) -> str:
+        """The path a peer GETs on the download port."""
+        return f"/download/{task_id[:3]}/{task_id}"
+
+    def open_for_write(self, task_id: str) -> int:
+        """A fresh, empty data file; returns its descriptor."""
+        path = self.data_path(task_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def load_meta(self, task_id: str) -> CacheMeta | None:
+        """The stored meta of a complete, intact cache entry, or None.
+
+        A meta that is unreadable, for another task, not finished, or whose data
+        file has the wrong size is no cache hit: the task is fetched again.
+        """
+        try:
+            with open(self.meta_path(task_id), encoding="utf-8") as f:
+                meta = CacheMeta.from_json(json.load(f))
+            size = os.path.getsize(self.data_path(task_id))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if meta.task_id != task_id or meta.state != "done" or size != meta.length:
+            return None
+        return meta
+
+    def save_meta(self, meta: CacheMeta) -> None:
+        """Write the meta atomically, so a crash never leaves half a record."""
+        path = self.meta_path(meta.task_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+_PREFIX = re.compile(r"\A[0-9a-f]{3}\Z")
+
+
+class CdnFiles(resource.Resource):
+    """``GET /download/<id[:3]>/<id>`` with Range, nothing else.
+
+    Meta files and directory listings are never served: only paths shaped
+    like a task's data file resolve, so no request can walk the disk.
+    """
+
+    def __init__(self, cache: CdnCache) -> None:
+        super().__init__()
+        self._cache = cache
+
+    def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
+        rest = [path] + list(request.postpath)
+        request.postpath = []
+        try:
+            parts = [p.decode("ascii") for p in rest]
+        except UnicodeDecodeError:
+            return resource.NoResource()
+        if len(parts) != 3 or parts[0] != "download" or not _PREFIX.match(parts[1]):
+            return resource.NoResource()
+        task_id = parts[2]
+        if not is_task_id(task_id) or task_id[:3] != parts[1]:
+            return resource.NoResource()
+        path = self._cache.data_path(task_id)
+        if not os.path.isfile(path):
+            return resource.NoResource("no such task")
+        file = static.File(path, defaultType="application/octet-stream")
+        file.isLeaf = True
+        return file
+
+    def render_GET(self, request: IRequest) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain")
+        return b"dfly CDN: GET /download/<id[:3]>/<id> with a Range header\n"

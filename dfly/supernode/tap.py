@@ -1,0 +1,153 @@
+"""``twistd supernode``: options and the service tree.
+
+``build_service(config, reactor)`` is pure wiring, so tests can build a real
+supernode on port 0 without twistd.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+from treq.client import HTTPClient
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from dfly import __version__
+from dfly.config import (
+    DEFAULT_SUPERNODE_CONFIG,
+    SupernodeFileConfig,
+    check_ip,
+    load_supernode_config,
+    parse_duration,
+)
+from dfly.logs import line_observer, open_log
+from dfly.services import ListeningService, LogObserverService
+from dfly.source import SourceClient
+from dfly.supernode.api import SupernodeApi
+from dfly.supernode.cdn import CdnCache, CdnFiles
+from dfly.supernode.tasks import TaskManager
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the dfly supernode: the register/scheduling API (default port 8002) and the CDN "
+        "piece server (default port 8001).  Values from --config are overridden by flags."
+    )
+    optParameters = [
+        ["config", "c", DEFAULT_SUPERNODE_CONFIG, "YAML config file (optional when left at the default path)."],
+        ["port", "p", None, "Register API port [default: 8002]."],
+        ["download-port", None, None, "CDN piece server port [default: 8001]."],
+        ["listen", None, None, "Address both ports listen on [default: 0.0.0.0]."],
+        ["home", None, None, "Cache and log directory [default: ~/.small-dragonfly/supernode]."],
+        ["advertise-ip", None, None, "IP that peers use to reach the CDN port [default: the address each peer reached the API on]."],
+        ["fail-access-interval", None, None, "How long a 404 source is remembered [default: 3m]."],
+        ["poll-timeout", None, None, "How long a pull with nothing ready is held open [default: 5s]."],
+    ]
+
+    def opt_version(self) -> None:
+        print(f"dfly supernode {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            self["config_obj"] = supernode_config(self)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _port_flag(value: str, name: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) < 65536:
+        raise ValueError(f"invalid --{name} {value!r}: expected 0-65535")
+    return int(value)
+
+
+def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
+    """The file's values with the given flags on top; ValueError on bad input."""
+    path = options["config"]
+    config = load_supernode_config(path, required=path != DEFAULT_SUPERNODE_CONFIG)
+    changes: dict[str, Any] = {}
+    if options["port"] is not None:
+        changes["port"] = _port_flag(options["port"], "port")
+    if options["download-port"] is not None:
+        changes["download_port"] = _port_flag(options["download-port"], "download-port")
+    if options["listen"] is not None:
+        changes["listen"] = check_ip(options["listen"])
+    if options["home"] is not None:
+        changes["home"] = options["home"]
+    if options["advertise-ip"] is not None:
+        changes["advertise_ip"] = check_ip(options["advertise-ip"])
+    if options["fail-access-interval"] is not None:
+        changes["fail_access_interval"] = parse_duration(options["fail-access-interval"])
+    if options["poll-timeout"] is not None:
+        changes["poll_timeout"] = parse_duration(options["poll-timeout"])
+    config = attrs.evolve(config, **changes)
+    return attrs.evolve(config, home=os.path.abspath(os.path.expanduser(config.home)))
+
+
+class _Supernode(Service):
+    """Owns the task state and the HTTP pool; stops both cleanly."""
+
+    def __init__(self, tasks: TaskManager, pool: HTTPConnectionPool) -> None:
+        self.tasks = tasks
+        self.pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.tasks.stop()
+        return self.pool.closeCachedConnections()
+
+
+@attrs.frozen
+class SupernodeParts:
+    service: MultiService
+    tasks: TaskManager
+    api: ListeningService
+    cdn: ListeningService
+
+
+def _endpoint(reactor: Any, port: int, interface: str) -> Any:
+    if ":" in interface:
+        return TCP6ServerEndpoint(reactor, port, interface=interface)
+    return TCP4ServerEndpoint(reactor, port, interface=interface)
+
+
+def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
+    os.makedirs(os.path.join(config.home, "logs"), exist_ok=True)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    http = HTTPClient(Agent(reactor, pool=pool))
+    cache = CdnCache(config.home)
+    tasks = TaskManager(
+        cache=cache,
+        source=SourceClient(http, reactor),
+        clock=reactor,
+        fail_access_interval=config.fail_access_interval,
+        poll_timeout=config.poll_timeout,
+    )
+    api = SupernodeApi(tasks, config.download_port, config.advertise_ip)
+    top = MultiService()
+    log_file = open_log(os.path.join(config.home, "logs", "supernode.log"))
+    LogObserverService(line_observer(log_file, str(os.getpid())), log_file.close).setServiceParent(top)
+    _Supernode(tasks, pool).setServiceParent(top)
+    api_listener = ListeningService(
+        _endpoint(reactor, config.port, config.listen), Site(api.resource()), f"the register API on port {config.port}"
+    )
+    cdn_listener = ListeningService(
+        _endpoint(reactor, config.download_port, config.listen),
+        Site(CdnFiles(cache)),
+        f"the CDN on port {config.download_port}",
+    )
+    api_listener.setServiceParent(top)
+    cdn_listener.setServiceParent(top)
+    return SupernodeParts(top, tasks, api_listener, cdn_listener)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    return build_service(options["config_obj"], reactor).service

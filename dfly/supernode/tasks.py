@@ -1,0 +1,336 @@
+"""Tasks on the supernode: registration, the CDN fetch, pulls and reports.
+
+A task is born when the first peer registers its URL.  The supernode opens
+the source once with that peer's headers; the same response is the CDN
+fetch, cut into pieces as it streams (`dfly.stream.BodyWriter`), each piece
+pullable the moment it is on disk.  A pull that finds nothing ready is held
+open until a piece arrives, a slot frees, or ``poll_timeout`` passes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, NoReturn
+
+import attrs
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dfly import codes
+from dfly.jsonapi import ApiError
+from dfly.pieces import format_range, piece_count, piece_range, piece_size_for
+from dfly.source import SourceClient, SourceError, SourceResponse, abort_body
+from dfly.stream import BodyWriter
+from dfly.supernode import scheduler
+from dfly.supernode.cdn import CacheMeta, CdnCache
+
+log = Logger(namespace="dfly.supernode")
+
+
+@attrs.frozen
+class Registration:
+    """A validated ``POST /peer/registry``."""
+
+    url: str
+    task_url: str
+    task_id: str
+    headers: Mapping[str, str]
+    md5: str | None
+    identifier: str | None
+    cid: str
+    ip: str
+    port: int
+    host_name: str
+
+
+@attrs.define(eq=False)
+class Task:
+    task_id: str
+    url: str
+    md5: str | None
+    identifier: str | None
+    piece_size: int
+    length: int  # -1 until known
+    state: str = "fetching"  # fetching | done | failed
+    error: str = ""
+    etag: str | None = None
+    last_modified: str | None = None
+    digests: list[str] = attrs.Factory(list)
+    peers: dict[str, scheduler.PeerProgress] = attrs.Factory(dict)
+    authorized: set[frozenset[tuple[str, str]]] = attrs.Factory(set)
+    fetch: Deferred[int] | None = None
+    _waiters: list[Deferred[None]] = attrs.Factory(list)
+
+    @property
+    def ready(self) -> int:
+        return len(self.digests)
+
+    @property
+    def total_pieces(self) -> int | None:
+        """Known once the length is; -1 length means still unknown."""
+        return None if self.length < 0 else piece_count(self.length, self.piece_size)
+
+    def meta(self) -> CacheMeta:
+        return CacheMeta(
+            task_id=self.task_id,
+            url=self.url,
+            length=self.length,
+            piece_size=self.piece_size,
+            piece_digests=tuple(self.digests),
+            etag=self.etag,
+            last_modified=self.last_modified,
+            state=self.state,
+            md5=self.md5,
+            identifier=self.identifier,
+        )
+
+    def wait(self) -> Deferred[None]:
+        """Fires on the next change (piece ready, report, end of fetch)."""
+        d: Deferred[None] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
+        self._waiters.append(d)
+        return d
+
+    def changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+def header_fingerprint(headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
+    return frozenset((k.lower(), v) for k, v in headers.items())
+
+
+@attrs.define(eq=False)
+class TaskManager:
+    cache: CdnCache
+    source: SourceClient
+    clock: IReactorTime
+    fail_access_interval: float = 180.0
+    poll_timeout: float = 5.0
+    idle_timeout: float = 30.0
+    tasks: dict[str, Task] = attrs.Factory(dict)
+    _opening: dict[str, Deferred[Task]] = attrs.Factory(dict)
+    _unreachable: dict[str, tuple[float, str]] = attrs.Factory(dict)
+
+    # --- registration ---------------------------------------------------------
+
+    def register(self, reg: Registration) -> Deferred[Task]:
+        """Add ``reg.cid`` to its task, creating and fetching the task if new.
+
+        Fails with `ApiError` when the source refuses this caller (608), is
+        missing (607, remembered for ``fail_access_interval``) or unreachable.
+        """
+        return Deferred.fromCoroutine(self._register(reg))
+
+    async def _register(self, reg: Registration) -> Task:
+        missing = self._unreachable.get(reg.task_id)
+        if missing is not None:
+            since, reason = missing
+            if self.clock.seconds() - since < self.fail_access_interval:
+                raise ApiError(404, codes.URL_NOT_REACHABLE, reason)
+            del self._unreachable[reg.task_id]
+        while reg.task_id in self._opening:
+            # Someone else is opening this task: wait for them, then check our
+            # own access below.  A fresh Deferred, so our cancel is ours alone.
+            opening = self._opening[reg.task_id]
+            waiter: Deferred[Any] = Deferred()
+            opening.addBoth(lambda r: (waiter.callback(None), r)[1])
+            await waiter
+        task = self.tasks.get(reg.task_id)
+        if task is None or task.state == "failed":
+            opening = Deferred.fromCoroutine(self._open_task(reg))
+            self._opening[reg.task_id] = opening
+            try:
+                task = await opening
+            finally:
+                self._opening.pop(reg.task_id, None)
+        else:
+            await self._check_access(task, reg)
+        task.peers.setdefault(reg.cid, scheduler.PeerProgress(reg.cid, reg.ip, reg.port, reg.host_name))
+        log.info(
+            "success to register peer cid:{cid} ip:{ip} port:{port} for taskID:{task_id}",
+            cid=reg.cid, ip=reg.ip, port=reg.port, task_id=reg.task_id,
+        )
+        return task
+
+    async def _open_task(self, reg: Registration) -> Task:
+        stored = self.cache.load_meta(reg.task_id)
+        if stored is not None and (stored.url, stored.md5, stored.identifier) != (reg.task_url, reg.md5, reg.identifier):
+            stored = None
+        try:
+            opened = await self.source.open(
+                reg.url,
+                reg.headers,
+                etag=stored.etag if stored else None,
+                last_modified=stored.last_modified if stored else None,
+            )
+        except SourceError as e:
+            self._refused(reg.task_id, e)
+        if opened.not_modified and stored is not None:
+            abort_body(opened.response)
+            task = Task(
+                task_id=reg.task_id, url=reg.task_url, md5=reg.md5, identifier=reg.identifier,
+                piece_size=stored.piece_size, length=stored.length, state="done",
+                etag=stored.etag, last_modified=stored.last_modified, digests=list(stored.piece_digests),
+            )
+            log.info("taskID:{task_id} cache is valid (source answered 304), {n} pieces", task_id=reg.task_id, n=task.ready)
+        elif opened.status == 200:
+            task = Task(
+                task_id=reg.task_id, url=reg.task_url, md5=reg.md5, identifier=reg.identifier,
+                piece_size=piece_size_for(opened.length), length=opened.length,
+                etag=opened.etag, last_modified=opened.last_modified,
+            )
+            self._start_fetch(task, opened, reg.url)
+        else:
+            abort_body(opened.response)
+            raise ApiError(
+                502, codes.SOURCE_FAILED, f"source {reg.url} answered {opened.status} to a plain GET"
+            )
+        task.authorized.add(header_fingerprint(reg.headers))
+        self.tasks[reg.task_id] = task
+        return task
+
+    async def _check_access(self, task: Task, reg: Registration) -> None:
+        """Ask the source whether this caller may read the URL (cached bytes or not)."""
+        fingerprint = header_fingerprint(reg.headers)
+        if fingerprint in task.authorized:
+            return
+        try:
+            opened = await self.source.open(reg.url, reg.headers, byte_range=(0, 0))
+        except SourceError as e:
+            if e.status != 416:  # an empty file has no byte 0, but we may read it
+                self._refused(reg.task_id, e)
+        else:
+            abort_body(opened.response)
+        task.authorized.add(fingerprint)
+
+    def _refused(self, task_id: str, error: SourceError) -> NoReturn:
+        log.warn("source refused taskID:{task_id}: {reason}", task_id=task_id, reason=error.reason)
+        if error.code == codes.URL_NOT_REACHABLE:
+            self._unreachable[task_id] = (self.clock.seconds(), error.reason)
+            raise ApiError(404, error.code, error.reason)
+        if error.code == codes.NEED_AUTH:
+            raise ApiError(403, error.code, error.reason)
+        raise ApiError(502, error.code, error.reason)
+
+    # --- the CDN fetch ----------------------------------------------------------
+
+    def _start_fetch(self, task: Task, opened: SourceResponse, url: str) -> None:
+        fd = self.cache.open_for_write(task.task_id)
+        self.cache.save_meta(task.meta())
+        log.info(
+            "start to download taskID:{task_id} from {url}, length:{length} pieceSize:{piece_size}",
+            task_id=task.task_id, url=url, length=task.length, piece_size=task.piece_size,
+        )
+
+        def piece_ready(index: int, length: int, digest: str) -> None:
+            task.digests.append(digest)
+            task.changed()
+
+        writer = BodyWriter(fd, 0, task.piece_size, task.length, piece_ready, self.clock, self.idle_timeout)
+        task.fetch = writer.done
+        opened.response.deliverBody(writer)
+
+        def finished(length: int) -> None:
+            task.length = length
+            task.state = "done"
+            log.info(
+                "success to get taskID:{task_id} fileLength:{length} pieces:{n}",
+                task_id=task.task_id, length=length, n=task.ready,
+            )
+
+        def failed(failure: Failure) -> None:
+            task.state = "failed"
+            task.error = f"CDN fetch of {url} failed: {failure.getErrorMessage()}"
+            log.error("{error}", error=task.error)
+
+        def closed(_: object) -> None:
+            os.close(fd)
+            task.fetch = None
+            self.cache.save_meta(task.meta())
+            task.changed()
+
+        writer.done.addCallbacks(finished, failed).addBoth(closed)
+
+    # --- pulls and reports ------------------------------------------------------
+
+    def task(self, task_id: str) -> Task:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise ApiError(404, codes.TARGET_NOT_FOUND, f"unknown task {task_id!r}: register first")
+        return task
+
+    def progress(self, task_id: str, cid: str) -> tuple[Task, scheduler.PeerProgress]:
+        task = self.task(task_id)
+        peer = task.peers.get(cid)
+        if peer is None:
+            raise ApiError(404, codes.TARGET_NOT_FOUND, f"cid {cid!r} is not registered for task {task_id}")
+        return task, peer
+
+    def pull(self, task_id: str, cid: str, cdn_ip: str, cdn_port: int) -> Deferred[tuple[int, Any]]:
+        """Next pieces for ``cid``: (601, pieces), (600, summary) or (602, None)."""
+        return Deferred.fromCoroutine(self._pull(task_id, cid, cdn_ip, cdn_port))
+
+    async def _pull(self, task_id: str, cid: str, cdn_ip: str, cdn_port: int) -> tuple[int, Any]:
+        task, peer = self.progress(task_id, cid)
+        deadline = self.clock.seconds() + self.poll_timeout
+        while True:
+            if task.state == "failed":
+                raise ApiError(502, codes.SOURCE_ERROR, task.error)
+            cdn_cid = f"cdnnode:{cdn_ip}~{task.task_id}"
+            chosen = scheduler.assign(peer, task.ready, cdn_cid)
+            if chosen:
+                return codes.PEER_CONTINUE, [self._piece_info(task, n, cdn_cid, cdn_ip, cdn_port) for n in chosen]
+            if task.state == "done" and len(peer.have) >= (task.total_pieces or 0):
+                return codes.PEER_FINISH, {
+                    "fileLength": task.length,
+                    "pieceSize": task.piece_size,
+                    "pieceCount": task.total_pieces,
+                }
+            remaining = deadline - self.clock.seconds()
+            if remaining <= 0:
+                return codes.PEER_WAIT, None
+            try:
+                await task.wait().addTimeout(remaining, self.clock)
+            except TimeoutError:
+                pass
+
+    def _piece_info(self, task: Task, n: int, cdn_cid: str, cdn_ip: str, cdn_port: int) -> dict[str, Any]:
+        # While the length is unknown, every ready piece but the last is full;
+        # the last ready one is full too, or the fetch would be done.
+        length = task.length if task.length >= 0 else task.ready * task.piece_size
+        start, end = piece_range(n, task.piece_size, length)
+        return {
+            "pieceNum": n,
+            "range": format_range(start, end),
+            "pieceSize": task.piece_size,
+            "pieceDigest": task.digests[n],
+            "cid": cdn_cid,
+            "peerIp": cdn_ip,
+            "peerPort": cdn_port,
+            "path": self.cache.url_path(task.task_id),
+        }
+
+    def piece_result(self, task_id: str, cid: str, piece: int, success: bool) -> None:
+        task, peer = self.progress(task_id, cid)
+        if success:
+            if piece not in peer.running and piece not in peer.have:
+                raise ApiError(400, codes.PARAM_ERROR, f"piece {piece} was not assigned to {cid}")
+            peer.succeeded(piece)
+        else:
+            peer.failed(piece)
+        task.changed()
+
+    def service_down(self, task_id: str, cid: str) -> None:
+        task, _ = self.progress(task_id, cid)
+        del task.peers[cid]
+        task.changed()
+
+    def stop(self) -> None:
+        """Cancel running fetches (their metas stay 'running', so no cache hit)."""
+        for task in list(self.tasks.values()):
+            if task.fetch is not None:
+                task.fetch.cancel()
+            task.changed()
