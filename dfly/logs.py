@@ -73,3 +73,8 @@ def line_observer(
 
 def is_client_event(event: LogEvent) -> bool:
     return str(event.get("log_namespace", "")).startswith(CLIENT_NAMESPACE)
+
+
+def is_dfly_event(event: LogEvent) -> bool:
+    """Our own events, not the libraries' chatter (for the CLI's log)."""
+    return str(event.get("log_namespace", "")).startswith("dfly")

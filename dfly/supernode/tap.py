@@ -10,11 +10,10 @@ import os
 from typing import Any
 
 import attrs
-from treq.client import HTTPClient
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from dfly import __version__
@@ -25,6 +24,7 @@ from dfly.config import (
     load_supernode_config,
     parse_duration,
 )
+from dfly.httpclient import make_http_client
 from dfly.logs import line_observer, open_log
 from dfly.services import ListeningService, LogObserverService
 from dfly.source import SourceClient
@@ -119,8 +119,7 @@ def _endpoint(reactor: Any, port: int, interface: str) -> Any:
 
 def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     os.makedirs(os.path.join(config.home, "logs"), exist_ok=True)
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    http = HTTPClient(Agent(reactor, pool=pool))
+    http, pool = make_http_client(reactor)
     cache = CdnCache(config.home)
     tasks = TaskManager(
         cache=cache,

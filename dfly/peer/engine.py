@@ -1,0 +1,556 @@
+"""The download engine: register, pull pieces, verify, write in place, place the file.
+
+One `PeerEngine` per peer daemon (and per dfdaemon later) runs any number of
+downloads.  A download registers with the first supernode that answers,
+then runs one pull loop: each pull is held open by the supernode until it
+has work, and each piece fetch runs on its own, reporting its result as
+soon as it is verified and on disk, which is what frees the next pull.
+When the supernode cannot be used it goes back to the source, unless
+``--notbs`` forbids it.  Nothing reaches ``-o`` before the whole file is
+complete and, when a digest was given, verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import attrs
+import hyperlink
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
+
+import dfly
+from dfly import codes
+from dfly.config import Home, format_node
+from dfly.logs import CLIENT_NAMESPACE
+from dfly.pieces import DEFAULT_PIECE_SIZE, parse_range
+from dfly.source import SourceClient, SourceError, abort_body
+from dfly.stream import BodyWriter, StreamError, WriteError
+from dfly.peer import storage
+
+log = Logger(namespace=CLIENT_NAMESPACE)
+
+#: Piece failures one download tolerates before it gives up on P2P.
+MAX_PIECE_FAILURES = 8
+#: Without --timeout and before the length is known, a download gets this long.
+DEFAULT_TIMEOUT = 300.0
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@attrs.frozen
+class DownloadRequest:
+    """One ``dfget`` run, validated by the CLI or the local API."""
+
+    url: str
+    output: str  # absolute
+    sign: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    md5: str | None = None
+    identifier: str | None = None
+    digest: tuple[str, str] | None = None  # ("sha256", hex)
+    filter: tuple[str, ...] = ()
+    timeout: float = 0.0  # 0: from the length and min_rate
+    min_rate: int = 64 << 10
+    back_source: bool = True
+
+
+@attrs.frozen
+class DownloadResult:
+    success: bool
+    cost: float
+    length: int
+    reason: int = codes.REASON_NONE
+    code: int = 0
+    error: str = ""
+    from_peers: int = 0
+    from_supernode: int = 0
+    from_source: int = 0
+
+    def line(self) -> str:
+        """The result line users and scripts know from Dragonfly."""
+        if self.success:
+            return f"download SUCCESS(0) cost:{self.cost:.3f}s length:{self.length} reason:{self.reason}"
+        return (
+            f"download FAIL({self.code}) cost:{self.cost:.3f}s length:{self.length} "
+            f"reason:{self.reason} error:{self.error}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "cost": round(self.cost, 3),
+            "length": self.length,
+            "reason": self.reason,
+            "code": self.code,
+            "error": self.error,
+            "fromPeers": self.from_peers,
+            "fromSupernode": self.from_supernode,
+            "fromSource": self.from_source,
+            "line": self.line(),
+        }
+
+
+class DownloadFailed(Exception):
+    def __init__(self, code: int, reason: int, error: str) -> None:
+        super().__init__(error)
+        self.code = code
+        self.reason = reason
+        self.error = error
+
+
+class _P2PFailed(Exception):
+    """The supernode path broke; the download may still go back to source."""
+
+    def __init__(self, reason: int, error: str) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+
+
+class _PieceFailed(Exception):
+    def __init__(self, kind: str, error: str) -> None:
+        super().__init__(error)
+        self.kind = kind
+        self.error = error
+
+
+@attrs.define(eq=False)
+class _Run:
+    """The mutable state of one download."""
+
+    req: DownloadRequest
+    path: str
+    emit: Emit
+    fd: int | None = None
+    length: int = -1
+    done: int = 0
+    have: set[int] = attrs.Factory(set)
+    running: dict[int, Deferred[None]] = attrs.Factory(dict)
+    failures: int = 0
+    fatal: str = ""
+    pull: Deferred[Any] | None = None
+    timed_out: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    from_peers: int = 0
+    from_supernode: int = 0
+    from_source: int = 0
+    started: float = 0.0
+    watchdog: Any = None  # IDelayedCall that cancels the fetch at the deadline
+    registered: tuple[tuple[str, int], str, str] | None = None  # node, task id, cid
+
+    def open(self) -> int:
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = storage.open_working_file(self.path)
+        self.done = 0
+        self.have.clear()
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@attrs.define(eq=False)
+class PeerEngine:
+    """Runs downloads for a peer; ``reactor`` provides time, TCP and threads."""
+
+    reactor: Any
+    http: Any  # treq.client.HTTPClient
+    home: Home
+    port: int = 0  # where this peer serves pieces; 0 = not serving
+    ip: str | None = None  # advertised IP; None = the address that reaches the supernode
+    api_timeout: float = 10.0
+    register_timeout: float = 60.0
+    poll_timeout: float = 5.0
+    idle_timeout: float = 30.0
+    source: SourceClient = attrs.field(default=None)
+    active: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.source is None:
+            self.source = SourceClient(self.http, self.reactor)
+
+    def download(self, req: DownloadRequest, emit: Emit = lambda event: None) -> Deferred[DownloadResult]:
+        """Run one download to its end; fires with the result (failures too).
+
+        Cancelling it stops the transfer and removes the working file.
+        """
+        return Deferred.fromCoroutine(self._run(req, emit))
+
+    async def _run(self, req: DownloadRequest, emit: Emit) -> DownloadResult:
+        started = self.reactor.seconds()
+        run = _Run(req, os.path.join(self.home.data, storage.working_name(req.output, req.sign)), emit)
+        run.timeout = req.timeout or DEFAULT_TIMEOUT
+        run.started = started
+        self.active += 1
+        fetch = Deferred.fromCoroutine(self._fetch(run))
+
+        def expire() -> None:
+            run.timed_out = True
+            fetch.cancel()
+
+        run.watchdog = self.reactor.callLater(run.timeout, expire)
+        try:
+            try:
+                reason = await fetch
+            except CancelledError:
+                if run.timed_out:
+                    raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, f"download timeout ({run.timeout:g}s)") from None
+                raise
+            await self._finish(run)
+            result = DownloadResult(
+                True, self.reactor.seconds() - started, run.length, reason,
+                from_peers=run.from_peers, from_supernode=run.from_supernode, from_source=run.from_source,
+            )
+        except DownloadFailed as e:
+            result = DownloadResult(
+                False, self.reactor.seconds() - started, run.length, e.reason, e.code, e.error,
+                run.from_peers, run.from_supernode, run.from_source,
+            )
+        finally:
+            if run.watchdog.active():
+                run.watchdog.cancel()
+            run.close()
+            # The output holds its own link to the bytes; serving them to other
+            # peers from data/ comes with the uploader.
+            storage.remove_quietly(run.path)
+            self.active -= 1
+        log.info("{line}", line=result.line(), sign=req.sign)
+        if run.registered is not None:
+            await self._leave(run.registered)
+        return result
+
+    async def _leave(self, registered: tuple[tuple[str, int], str, str]) -> None:
+        """Tell the supernode this cid is gone (best effort: it only frees state)."""
+        node, task_id, cid = registered
+        try:
+            await self._api(node, "GET", "/peer/service/down", {"taskId": task_id, "cid": cid})
+        except Exception as e:
+            log.warn("service down to {node} failed: {error}", node=format_node(node), error=e)
+
+    def _known_length(self, run: _Run, length: int) -> None:
+        """Once the length is known, the default timeout follows from --minrate."""
+        run.length = length
+        if length >= 0 and run.fd is not None:
+            os.ftruncate(run.fd, length)
+        if length >= 0 and not run.req.timeout:
+            run.timeout = length / max(run.req.min_rate, 1) + 10
+            elapsed = self.reactor.seconds() - run.started
+            if run.watchdog.active():
+                run.watchdog.reset(max(run.timeout - elapsed, 0))
+
+    async def _fetch(self, run: _Run) -> int:
+        """Fill the working file; returns the back-to-source reason (0 if none)."""
+        req = run.req
+        if not req.nodes:
+            reason, error = codes.REASON_NO_NODE, "no supernode given (--node or nodes in dfget.yml)"
+        else:
+            try:
+                node, cid, reg = await self._register(run)
+            except DownloadFailed:
+                raise
+            except _P2PFailed as e:
+                reason, error = e.reason, e.error
+            else:
+                try:
+                    await self._p2p(run, node, cid, reg)
+                    return codes.REASON_NONE
+                except _P2PFailed as e:
+                    reason, error = e.reason, e.error
+        if not req.back_source:
+            raise DownloadFailed(
+                codes.ERR_REGISTER if reason in (codes.REASON_REGISTER_FAILED, codes.REASON_NO_NODE) else codes.ERR_DOWNLOAD,
+                reason + codes.REASON_NO_BACK_SOURCE,
+                error,
+            )
+        log.info("download from source, reason:{reason} ({error})", reason=reason, error=error, sign=req.sign)
+        run.emit({"event": "source", "reason": reason, "error": error})
+        await self._back_source(run)
+        return reason
+
+    # --- supernode API ----------------------------------------------------------
+
+    async def _api(self, node: tuple[str, int], method: str, path: str, params: Mapping[str, Any] = {},
+                   body: Any = None, timeout: float | None = None) -> tuple[int, dict[str, Any]]:
+        host, port = node
+        url = hyperlink.URL(scheme="http", host=host, port=port, path=tuple(path.strip("/").split("/")))
+        for key, value in params.items():
+            url = url.add(key, str(value))
+        kwargs: dict[str, Any] = {"timeout": timeout or self.api_timeout, "reactor": self.reactor}
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode()
+            kwargs["headers"] = {"Content-Type": "application/json"}
+        response = await self.http.request(method, url.to_text(), **kwargs)
+        raw = await response.content()
+        try:
+            answer = json.loads(raw)
+            if not isinstance(answer, dict) or not isinstance(answer.get("code"), int):
+                raise ValueError("no code")
+        except ValueError:
+            raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, f"supernode {format_node(node)} answered {response.code} without a dfly JSON body") from None
+        return response.code, answer
+
+    async def _local_ip(self, node: tuple[str, int]) -> str:
+        """The address this host uses to reach ``node`` (what peers will dial)."""
+        if self.ip:
+            return self.ip
+        endpoint = HostnameEndpoint(self.reactor, node[0].encode("idna"), node[1], timeout=3)
+        protocol = await connectProtocol(endpoint, Protocol())
+        ip = protocol.transport.getHost().host
+        protocol.transport.loseConnection()
+        return ip
+
+    async def _register(self, run: _Run) -> tuple[tuple[str, int], str, dict[str, Any]]:
+        req = run.req
+        errors: list[str] = []
+        for node in req.nodes:
+            where = format_node(node)
+            try:
+                ip = await self._local_ip(node)
+                cid = f"{ip}-{req.sign}"
+                body = {
+                    "url": req.url,
+                    "headers": [f"{k}: {v}" for k, v in req.headers.items()],
+                    "md5": req.md5,
+                    "identifier": req.identifier,
+                    "filter": list(req.filter),
+                    "cid": cid,
+                    "ip": ip,
+                    "port": self.port,
+                    "hostName": os.uname().nodename,
+                    "version": dfly.__version__,
+                }
+                status, answer = await self._api(node, "POST", "/peer/registry", body=body, timeout=self.register_timeout)
+            except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _P2PFailed) as e:
+                error = e.error if isinstance(e, _P2PFailed) else (str(e) or type(e).__name__)
+                log.warn("do register to {node} failed: {error}", node=where, error=error, sign=req.sign)
+                errors.append(f"{where}: {error}")
+                continue
+            except CancelledError:
+                if run.timed_out:
+                    raise
+                errors.append(f"{where}: no answer")
+                continue
+            log.info("do register to {node}, res:{res}", node=where, res=json.dumps(answer), sign=req.sign)
+            code, msg = answer["code"], answer.get("msg", "")
+            if code == codes.SUCCESS:
+                data = answer.get("data") or {}
+                run.emit({"event": "registered", "node": where, **data})
+                return node, cid, data
+            if code == codes.NEED_AUTH:
+                raise DownloadFailed(codes.ERR_REGISTER, codes.REASON_REGISTER_FAILED, msg)
+            errors.append(f"{where}: {msg}")
+            if code == codes.URL_NOT_REACHABLE or status == 400:
+                break  # another supernode would hear the same from the source
+        raise _P2PFailed(codes.REASON_REGISTER_FAILED, "register failed: " + "; ".join(errors))
+
+    # --- pieces ------------------------------------------------------------------
+
+    async def _p2p(self, run: _Run, node: tuple[str, int], cid: str, reg: dict[str, Any]) -> None:
+        task_id = reg["taskId"]
+        run.registered = (node, task_id, cid)
+        run.open()
+        self._known_length(run, int(reg.get("fileLength", -1)))
+        params = {"taskId": task_id, "srcCid": cid}
+        try:
+            while True:
+                if run.fatal:
+                    raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, run.fatal)
+                run.pull = Deferred.fromCoroutine(
+                    self._api(node, "GET", "/peer/task", params, timeout=self.poll_timeout + self.api_timeout)
+                )
+                try:
+                    status, answer = await run.pull
+                except CancelledError:
+                    if run.fatal:
+                        continue
+                    raise
+                except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed) as e:
+                    raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, f"lost supernode {format_node(node)}: {e}") from None
+                finally:
+                    run.pull = None
+                code = answer["code"]
+                if code == codes.PEER_CONTINUE:
+                    for piece in answer.get("data") or []:
+                        self._start_piece(run, node, task_id, cid, piece)
+                elif code == codes.PEER_WAIT:
+                    continue
+                elif code == codes.PEER_FINISH:
+                    data = answer.get("data") or {}
+                    self._finish_pieces(run, int(data.get("fileLength", -1)), int(data.get("pieceCount", -1)))
+                    return
+                elif code == codes.SOURCE_ERROR:
+                    raise _P2PFailed(codes.REASON_SOURCE_ERROR, answer.get("msg", "source error"))
+                else:
+                    raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, f"pull failed ({code}): {answer.get('msg', '')}")
+        finally:
+            for d in list(run.running.values()):
+                d.cancel()
+
+    def _finish_pieces(self, run: _Run, length: int, count: int) -> None:
+        if length < 0 or count < 0 or run.have != set(range(count)):
+            raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, f"supernode says finished, but {count - len(run.have)} pieces are missing")
+        self._known_length(run, length)
+
+    def _start_piece(self, run: _Run, node: tuple[str, int], task_id: str, cid: str, piece: dict[str, Any]) -> None:
+        num = piece.get("pieceNum")
+        if not isinstance(num, int) or num in run.running or num in run.have:
+            return
+        d = Deferred.fromCoroutine(self._piece(run, node, task_id, cid, piece))
+        run.running[num] = d
+
+        def ended(result: object) -> None:
+            run.running.pop(num, None)
+
+        d.addBoth(ended)
+
+    async def _piece(self, run: _Run, node: tuple[str, int], task_id: str, cid: str, piece: dict[str, Any]) -> None:
+        num = piece["pieceNum"]
+        dst = str(piece.get("cid", ""))
+        byte_range = str(piece.get("range", ""))
+        log.info(
+            "downloading piece:{piece}",
+            piece=json.dumps({
+                "taskID": task_id, "superNode": format_node(node), "dstCid": dst, "range": byte_range,
+                "result": codes.PIECE_SEMISUC, "status": codes.TASK_RUNNING,
+                "pieceSize": piece.get("pieceSize"), "pieceNum": num,
+            }),
+            sign=run.req.sign,
+        )
+        try:
+            length = await self._fetch_piece(run, piece)
+        except CancelledError:
+            raise
+        except _PieceFailed as e:
+            run.failures += 1
+            log.warn("piece {num} from {dst} failed: {error}", num=num, dst=dst, error=e.error, sign=run.req.sign)
+            params = {"taskId": task_id, "cid": cid, "dstCid": dst, "range": byte_range, "kind": e.kind}
+            if run.failures > MAX_PIECE_FAILURES:
+                self._fatal(run, f"{run.failures} piece failures, last: {e.error}")
+                return
+            await self._report(run, node, "/peer/piece/error", params)
+            return
+        run.have.add(num)
+        run.done += length
+        if dst.startswith("cdnnode:"):
+            run.from_supernode += length
+        else:
+            run.from_peers += length
+        run.emit({"event": "progress", "done": run.done, "total": run.length})
+        await self._report(run, node, "/peer/piece/suc", {"taskId": task_id, "cid": cid, "dstCid": dst, "pieceRange": byte_range})
+
+    async def _report(self, run: _Run, node: tuple[str, int], path: str, params: Mapping[str, Any]) -> None:
+        try:
+            status, answer = await self._api(node, "GET", path, params)
+        except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _P2PFailed) as e:
+            self._fatal(run, f"cannot report to supernode {format_node(node)}: {e}")
+            return
+        if status != 200:
+            self._fatal(run, f"supernode refused report {path}: {answer.get('msg', '')}")
+
+    def _fatal(self, run: _Run, error: str) -> None:
+        """Stop the pull loop: it re-raises ``run.fatal`` as soon as it wakes."""
+        if not run.fatal:
+            run.fatal = error
+        if run.pull is not None:
+            run.pull.cancel()
+
+    async def _fetch_piece(self, run: _Run, piece: dict[str, Any]) -> int:
+        try:
+            start, end = parse_range(str(piece["range"]))
+            host, port, path = str(piece["peerIp"]), int(piece["peerPort"]), str(piece["path"])
+            expected = str(piece["pieceDigest"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise _PieceFailed("invalid", f"malformed piece task {piece!r}: {e}") from None
+        length = end - start + 1
+        url = hyperlink.URL(scheme="http", host=host, port=port).child(*path.strip("/").split("/"))
+        headers = Headers({"Range": [f"bytes={start}-{end}"]})
+        try:
+            response = await self.http.get(url.to_text(), headers=headers, unbuffered=True,
+                                           timeout=self.api_timeout, reactor=self.reactor)
+        except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed) as e:
+            raise _PieceFailed("refused", f"cannot reach {host}:{port}: {e}") from None
+        if response.code != 206:
+            abort_body(response)
+            kind = "not found" if response.code == 404 else "refused"
+            raise _PieceFailed(kind, f"{host}:{port} answered {response.code} to range {start}-{end}")
+        digests: list[str] = []
+        writer = BodyWriter(run.fd, start, length, length, lambda i, n, d: digests.append(d), self.reactor, self.idle_timeout)
+        response.deliverBody(writer)
+        try:
+            await writer.done
+        except WriteError as e:
+            self._fatal(run, str(e))
+            raise _PieceFailed("write", str(e)) from None
+        except StreamError as e:
+            raise _PieceFailed("short body", f"from {host}:{port}: {e}") from None
+        if digests != [expected]:
+            raise _PieceFailed("digest mismatch", f"piece from {host}:{port} has sha256 {digests[0] if digests else '-'}, expected {expected}")
+        return length
+
+    # --- back to source and the end ----------------------------------------------
+
+    async def _back_source(self, run: _Run) -> None:
+        req = run.req
+        try:
+            opened = await self.source.open(req.url, req.headers)
+        except SourceError as e:
+            raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, e.reason) from None
+        if opened.status != 200:
+            abort_body(opened.response)
+            raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, f"source answered {opened.status}")
+        run.open()
+        self._known_length(run, opened.length)
+
+        def progress(index: int, length: int, digest: str) -> None:
+            run.done += length
+            run.emit({"event": "progress", "done": run.done, "total": run.length})
+
+        writer = BodyWriter(run.fd, 0, DEFAULT_PIECE_SIZE, opened.length, progress, self.reactor, self.idle_timeout)
+        opened.response.deliverBody(writer)
+        try:
+            total = await writer.done
+        except WriteError as e:
+            raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_WRITE_ERROR, str(e)) from None
+        except StreamError as e:
+            raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, f"from source: {e}") from None
+        run.from_source = total
+        self._known_length(run, total)
+
+    async def _finish(self, run: _Run) -> None:
+        """fsync, check the whole-file digest, then place the file at ``-o``."""
+        req = run.req
+        assert run.fd is not None
+        os.fsync(run.fd)
+        run.close()
+        checks = []
+        if req.md5:
+            checks.append(("md5", req.md5.lower()))
+        if req.digest:
+            checks.append(req.digest)
+        for algorithm, expected in checks:
+            actual = await self._in_thread(storage.file_digest, run.path, algorithm)
+            if actual != expected:
+                raise DownloadFailed(
+                    codes.ERR_DOWNLOAD, codes.REASON_DIGEST_MISMATCH,
+                    f"{algorithm} mismatch: expected {expected}, got {actual}",
+                )
+        try:
+            await self._in_thread(storage.place, run.path, req.output, req.sign)
+        except OSError as e:
+            raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_WRITE_ERROR, f"cannot write {req.output}: {e.strerror or e}") from None
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)

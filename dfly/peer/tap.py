@@ -1,0 +1,191 @@
+"""``twistd dfget`` (and ``dfget server``): the host's peer daemon.
+
+One daemon per home directory: it holds ``meta/daemon.lock`` while it runs,
+announces its port and local-API token in ``meta/host.meta``, runs the
+downloads that ``dfget`` asks for, and exits after ``--alivetime`` without
+work.  ``build_service(config, reactor)`` is the pure wiring tests use.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+from typing import Any, Callable
+
+import attrs
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
+
+import dfly
+from dfly.config import Home, check_ip, default_home, parse_duration
+from dfly.httpclient import make_http_client
+from dfly.logs import is_client_event, line_observer, make_sign, open_log
+from dfly.peer.engine import PeerEngine
+from dfly.peer.localapi import LocalApi
+from dfly.services import ListeningService, LogObserverService
+
+log = Logger(namespace="dfly.peer")
+
+
+@attrs.frozen
+class PeerConfig:
+    home: str
+    port: int = 0
+    listen: str = "127.0.0.1"
+    ip: str | None = None
+    alivetime: float = 300.0
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the dfly peer daemon in the foreground.  dfget starts one on demand; run it yourself "
+        "to choose its port.  It exits after --alivetime without downloads."
+    )
+    optParameters = [
+        ["home", None, None, "dfly home directory [default: ~/.small-dragonfly]."],
+        ["port", None, "0", "Port of the peer server; 0 picks a free one."],
+        ["listen", None, "127.0.0.1", "Address the peer server listens on."],
+        ["ip", None, None, "IP to advertise to the supernode [default: the address that reaches it]."],
+        ["alivetime", None, "5m", "Exit after this long without work (e.g. 90s, 5m; 0 = never)."],
+    ]
+
+    def opt_version(self) -> None:
+        print(f"dfly peer daemon {dfly.__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            port = self["port"]
+            if not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"invalid --port {port!r}: expected 0-65535")
+            self["config_obj"] = PeerConfig(
+                home=os.path.abspath(os.path.expanduser(self["home"] or default_home())),
+                port=int(port),
+                listen=check_ip(self["listen"]),
+                ip=check_ip(self["ip"]) if self["ip"] else None,
+                alivetime=parse_duration(self["alivetime"]),
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class DaemonLockHeld(Exception):
+    pass
+
+
+class PeerDaemon(Service):
+    """Holds the home lock, publishes host.meta, and stops the daemon when idle."""
+
+    def __init__(self, home: Home, engine: PeerEngine, listener: ListeningService, token: str,
+                 alivetime: float, clock: Any, on_idle: Callable[[], None], pool: HTTPConnectionPool) -> None:
+        self.home = home
+        self.engine = engine
+        self.listener = listener
+        self.token = token
+        self.alivetime = alivetime
+        self.clock = clock
+        self.on_idle = on_idle
+        self.pool = pool
+        self._lock_fd: int | None = None
+        self._idle_check: LoopingCall | None = None
+        self._last_busy = 0.0
+
+    def startService(self) -> None:
+        self.home.ensure()
+        fd = os.open(self.home.daemon_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonLockHeld(f"another peer daemon already runs for {self.home.root}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        super().startService()
+        self.listener.listening.addCallback(self._publish)
+        self._last_busy = self.clock.seconds()
+        if self.alivetime > 0:
+            self._idle_check = LoopingCall(self._check_idle)
+            self._idle_check.clock = self.clock
+            self._idle_check.start(min(self.alivetime / 4, 15.0), now=False)
+
+    def _publish(self, port: Any) -> Any:
+        self.engine.port = port.getHost().port
+        meta = {"servicePort": self.engine.port, "token": self.token, "pid": os.getpid(), "version": dfly.__version__}
+        tmp = self.home.host_meta + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, self.home.host_meta)
+        log.info("peer daemon {pid} serving on port {port}, home {home}", pid=os.getpid(), port=self.engine.port, home=self.home.root)
+        return port
+
+    def _check_idle(self) -> None:
+        now = self.clock.seconds()
+        if self.engine.active:
+            self._last_busy = now
+        elif now - self._last_busy >= self.alivetime:
+            log.info("no work for {alive:g}s: peer daemon exits", alive=self.alivetime)
+            self._idle_check.stop()  # type: ignore[union-attr]
+            self._idle_check = None
+            self.on_idle()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._idle_check is not None and self._idle_check.running:
+            self._idle_check.stop()
+        if self._lock_fd is not None:
+            try:
+                with open(self.home.host_meta) as f:
+                    ours = json.load(f).get("pid") == os.getpid()
+            except (OSError, ValueError):
+                ours = False
+            if ours:
+                os.unlink(self.home.host_meta)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        return self.pool.closeCachedConnections()
+
+
+@attrs.frozen
+class PeerParts:
+    service: MultiService
+    engine: PeerEngine
+    listener: ListeningService
+    daemon: PeerDaemon
+
+
+def build_service(config: PeerConfig, reactor: Any, on_idle: Callable[[], None] | None = None) -> PeerParts:
+    home = Home(config.home)
+    home.ensure()
+    http, pool = make_http_client(reactor)
+    engine = PeerEngine(reactor, http, home, ip=config.ip)
+    token = secrets.token_hex(16)
+    endpoint = (TCP6ServerEndpoint if ":" in config.listen else TCP4ServerEndpoint)(
+        reactor, config.port, interface=config.listen
+    )
+    listener = ListeningService(endpoint, Site(LocalApi(engine, token).resource()), f"the peer server on port {config.port}")
+    top = MultiService()
+    sign = make_sign(os.getpid(), reactor.seconds())
+    server_log = open_log(home.log_file("dfserver.log"))
+    client_log = open_log(home.log_file("dfclient.log"))
+    LogObserverService(line_observer(server_log, sign, lambda e: not is_client_event(e)), server_log.close).setServiceParent(top)
+    LogObserverService(line_observer(client_log, sign, is_client_event), client_log.close).setServiceParent(top)
+    daemon = PeerDaemon(home, engine, listener, token, config.alivetime, reactor, on_idle or reactor.stop, pool)
+    daemon.setServiceParent(top)
+    listener.setServiceParent(top)
+    return PeerParts(top, engine, listener, daemon)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    return build_service(options["config_obj"], reactor).service
