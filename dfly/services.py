@@ -7,8 +7,11 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
-from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
+
+
+log = Logger(namespace="dfly.services")
 
 
 class ListenError(Exception):
@@ -41,6 +44,8 @@ class ListeningService(Service):
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         self.port = port
+        address = port.getHost()
+        log.info("{what} listening on {host}:{port}", what=self.what, host=address.host, port=address.port)
         self.listening.callback(port)
         return port
 

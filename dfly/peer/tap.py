@@ -172,7 +172,7 @@ def build_service(config: PeerConfig, reactor: Any, on_idle: Callable[[], None] 
     endpoint = (TCP6ServerEndpoint if ":" in config.listen else TCP4ServerEndpoint)(
         reactor, config.port, interface=config.listen
     )
-    listener = ListeningService(endpoint, Site(LocalApi(engine, token).resource()), f"the peer server on port {config.port}")
+    listener = ListeningService(endpoint, Site(LocalApi(engine, token).resource()), "peer server")
     top = MultiService()
     sign = make_sign(os.getpid(), reactor.seconds())
     server_log = open_log(home.log_file("dfserver.log"))

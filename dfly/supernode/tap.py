@@ -134,12 +134,12 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     LogObserverService(line_observer(log_file, str(os.getpid())), log_file.close).setServiceParent(top)
     _Supernode(tasks, pool).setServiceParent(top)
     api_listener = ListeningService(
-        _endpoint(reactor, config.port, config.listen), Site(api.resource()), f"the register API on port {config.port}"
+        _endpoint(reactor, config.port, config.listen), Site(api.resource()), "register API"
     )
     cdn_listener = ListeningService(
         _endpoint(reactor, config.download_port, config.listen),
         Site(CdnFiles(cache)),
-        f"the CDN on port {config.download_port}",
+        "CDN",
     )
     api_listener.setServiceParent(top)
     cdn_listener.setServiceParent(top)
