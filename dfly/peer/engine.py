@@ -19,9 +19,9 @@ from typing import Any, Callable, Mapping
 import attrs
 import hyperlink
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
@@ -307,7 +307,9 @@ class PeerEngine:
         if self.ip:
             return self.ip
         endpoint = HostnameEndpoint(self.reactor, node[0].encode("idna"), node[1], timeout=3)
-        protocol = await connectProtocol(endpoint, Protocol())
+        factory = Factory.forProtocol(Protocol)
+        factory.noisy = False
+        protocol = await endpoint.connect(factory)
         ip = protocol.transport.getHost().host
         protocol.transport.loseConnection()
         return ip
@@ -373,12 +375,12 @@ class PeerEngine:
                 )
                 try:
                     status, answer = await run.pull
-                except CancelledError:
+                except Exception as e:
                     if run.fatal:
-                        continue
+                        continue  # a piece gave up on P2P and cancelled this pull
+                    if isinstance(e, (ConnectError, DNSLookupError, TimeoutError, ResponseFailed)):
+                        raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, f"lost supernode {format_node(node)}: {e}") from None
                     raise
-                except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed) as e:
-                    raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, f"lost supernode {format_node(node)}: {e}") from None
                 finally:
                     run.pull = None
                 code = answer["code"]

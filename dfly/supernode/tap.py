@@ -141,6 +141,8 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
         Site(CdnFiles(cache)),
         "CDN",
     )
+    # Peers must be told the CDN port actually bound (it may have been 0).
+    cdn_listener.listening.addCallback(lambda port: setattr(api, "download_port", port.getHost().port) or port)
     api_listener.setServiceParent(top)
     cdn_listener.setServiceParent(top)
     return SupernodeParts(top, tasks, api_listener, cdn_listener)
