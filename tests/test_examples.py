@@ -1,0 +1,23 @@
+"""The example configs in etc/ stay loadable: docs point users at them."""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from dfly.config import load_dfget_config, load_supernode_config
+
+ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
+
+
+class ExampleConfigTests(SynchronousTestCase):
+    def test_dfget_example_loads(self) -> None:
+        """etc/dfget.yml parses and names the local supernode."""
+        config = load_dfget_config(os.path.join(ETC, "dfget.yml"), required=True)
+        self.assertEqual(config.nodes, (("127.0.0.1", 8002),))
+        self.assertEqual(config.min_rate, 64 * 1024)
+
+    def test_supernode_example_loads(self) -> None:
+        """etc/supernode.yml parses with the documented default ports."""
+        config = load_supernode_config(os.path.join(ETC, "supernode.yml"), required=True)
+        self.assertEqual((config.port, config.download_port), (8002, 8001))
+        self.assertEqual(config.fail_access_interval, 180.0)
