@@ -42,6 +42,5 @@ REASON_SOURCE_ERROR = 10
 REASON_NO_BACK_SOURCE = 1000  # added when --notbs forbids going back to source
 
 # dfget error classes (the number in `download FAIL(<code>)`), as in Dragonfly.
-ERR_PREPARE = 1101
 ERR_REGISTER = 1103
 ERR_DOWNLOAD = 1104
