@@ -9,11 +9,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from klein import Klein
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 
 from dfly import codes
 
 MAX_BODY = 64 * 1024
+
+log = Logger(namespace="dfly.api")
 
 
 class ApiError(Exception):
@@ -75,3 +80,29 @@ def query_int(request: IRequest, name: str, required: bool = True, default: int 
         return int(text)
     except ValueError:
         raise bad_request(f"query parameter {name!r} must be an integer, got {text!r}") from None
+
+
+def json_app() -> Klein:
+    """A Klein app that answers every error in the JSON envelope.
+
+    `ApiError` keeps its status and code; unknown routes and wrong methods
+    become 404/405; anything unexpected is logged and becomes a 500.
+    """
+    app = Klein()
+
+    @app.handle_errors(ApiError)
+    def api_error(instance: Any, request: IRequest, failure: Any) -> bytes:
+        return error_body(request, failure.value)
+
+    @app.handle_errors(HTTPException)
+    def http_error(instance: Any, request: IRequest, failure: Any) -> bytes:
+        e = failure.value
+        where = f"{request.method.decode()} {request.path.decode(errors='replace')}"
+        return error_body(request, ApiError(e.code, codes.PARAM_ERROR, f"{where}: {e.name}"))
+
+    @app.handle_errors(Exception)
+    def internal_error(instance: Any, request: IRequest, failure: Any) -> bytes:
+        log.failure("unexpected error in {method} {path}", failure, method=request.method, path=request.path)
+        return error_body(request, ApiError(500, codes.SYSTEM_ERROR, f"internal error: {failure.getErrorMessage()}"))
+
+    return app

@@ -15,16 +15,14 @@ import json
 import os
 from typing import Any
 
-from klein import Klein
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException
 
 import dfly
 from dfly import codes
 from dfly.config import parse_nodes, parse_size
-from dfly.jsonapi import ApiError, bad_request, envelope, error_body, read_json
+from dfly.jsonapi import ApiError, bad_request, envelope, json_app, read_json
 from dfly.pieces import is_md5, parse_digest, parse_filter
 from dfly.peer.engine import DownloadRequest, PeerEngine
 from dfly.source import check_url, parse_header_lines
@@ -76,7 +74,7 @@ def parse_download(body: dict[str, Any]) -> DownloadRequest:
 
 
 class LocalApi:
-    app = Klein()
+    app = json_app()
 
     def __init__(self, engine: PeerEngine, token: str) -> None:
         self.engine = engine
@@ -84,20 +82,6 @@ class LocalApi:
 
     def resource(self) -> Any:
         return self.app.resource()
-
-    @app.handle_errors(ApiError)
-    def api_error(self, request: IRequest, failure: Any) -> bytes:
-        return error_body(request, failure.value)
-
-    @app.handle_errors(HTTPException)
-    def http_error(self, request: IRequest, failure: Any) -> bytes:
-        e = failure.value
-        return error_body(request, ApiError(e.code, codes.PARAM_ERROR, f"{e.name}"))
-
-    @app.handle_errors(Exception)
-    def internal_error(self, request: IRequest, failure: Any) -> bytes:
-        log.failure("unexpected error in {path}", failure, path=request.path)
-        return error_body(request, ApiError(500, codes.SYSTEM_ERROR, f"internal error: {failure.getErrorMessage()}"))
 
     @app.route("/_ping", methods=["GET"])
     def ping(self, request: IRequest) -> bytes:

@@ -11,14 +11,12 @@ import ipaddress
 import platform
 from typing import Any
 
-from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException
 
 import dfly
 from dfly import codes
-from dfly.jsonapi import ApiError, bad_request, envelope, error_body, query_arg, query_int, read_json
+from dfly.jsonapi import bad_request, envelope, json_app, query_arg, query_int, read_json
 from dfly.pieces import is_md5, is_task_id, parse_filter, parse_range, piece_num_of, task_id, task_url
 from dfly.source import check_url, parse_header_lines
 from dfly.supernode.tasks import Registration, TaskManager
@@ -94,7 +92,7 @@ def _task_id_arg(request: IRequest) -> str:
 
 
 class SupernodeApi:
-    app = Klein()
+    app = json_app()
 
     def __init__(self, tasks: TaskManager, download_port: int, advertise_ip: str | None = None) -> None:
         self.tasks = tasks
@@ -103,21 +101,6 @@ class SupernodeApi:
 
     def resource(self) -> Any:
         return self.app.resource()
-
-    @app.handle_errors(ApiError)
-    def api_error(self, request: IRequest, failure: Any) -> bytes:
-        return error_body(request, failure.value)
-
-    @app.handle_errors(HTTPException)
-    def http_error(self, request: IRequest, failure: Any) -> bytes:
-        """Unknown routes and wrong methods get JSON too."""
-        e = failure.value
-        return error_body(request, ApiError(e.code, codes.PARAM_ERROR, f"{request.method.decode()} {request.path.decode(errors='replace')}: {e.name}"))
-
-    @app.handle_errors(Exception)
-    def internal_error(self, request: IRequest, failure: Any) -> bytes:
-        log.failure("unexpected error in {method} {path}", failure, method=request.method, path=request.path)
-        return error_body(request, ApiError(500, codes.SYSTEM_ERROR, f"internal error: {failure.getErrorMessage()}"))
 
     @app.route("/peer/registry", methods=["POST"])
     async def registry(self, request: IRequest) -> bytes:
