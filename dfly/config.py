@@ -65,6 +65,8 @@ def parse_node(text: str, default_port: int = DEFAULT_SUPERNODE_PORT) -> tuple[s
     text = text.strip()
     host, port = text, default_port
     if text.startswith("["):
+        if "]" not in text:
+            raise ValueError(f"invalid node {text!r}: missing ']'")
         host, _, rest = text[1:].partition("]")
         if rest:
             if not rest.startswith(":"):
@@ -73,6 +75,11 @@ def parse_node(text: str, default_port: int = DEFAULT_SUPERNODE_PORT) -> tuple[s
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
         port = _port(port_text, text)
+    elif ":" in text:
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ValueError(f"invalid node {text!r}: expected host, host:port or [ipv6]:port") from None
     if not host or not re.fullmatch(r"[A-Za-z0-9._:-]+", host):
         raise ValueError(f"invalid node {text!r}: expected host or host:port")
     return host, port
@@ -159,7 +166,7 @@ def _read_yaml(path: str, required: bool) -> Mapping[str, Any]:
         if required:
             raise ValueError(f"config file {path} does not exist") from None
         return {}
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot read config file {path}: {reason}") from None
     if data is None:

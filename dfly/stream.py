@@ -99,11 +99,13 @@ class BodyWriter(Protocol):
         if reason is not None and not reason.check(ResponseDone, PotentialDataLoss):
             self.done.errback(StreamError(f"connection lost after {self.received} bytes: {reason.getErrorMessage()}"))
             return
-        if self._in_piece:
-            self._emit_piece()
         if self._expected >= 0 and self.received != self._expected:
+            # Checked before the last piece is reported: a truncated piece must
+            # never be announced with a digest.
             self.done.errback(StreamError(f"short body: got {self.received} of {self._expected} bytes"))
             return
+        if self._in_piece:
+            self._emit_piece()
         self.done.callback(self.received)
 
     # internals -------------------------------------------------------------------

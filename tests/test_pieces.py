@@ -135,19 +135,23 @@ class PieceRangeTests(SynchronousTestCase):
             position = end + 1
         self.assertEqual(position, length)
 
-    @given(lengths, piece_sizes)
-    def test_pieces_tile_large_files(self, length: int, piece_size: int) -> None:
-        """For realistic sizes the last piece ends at length - 1 and the rest are full."""
+    @given(lengths, piece_sizes, st.data())
+    def test_pieces_tile_large_files(self, length: int, piece_size: int, data: st.DataObject) -> None:
+        """For realistic sizes each piece is full and abuts the next, the last ends at length - 1."""
         count = piece_count(length, piece_size)
         if count == 0:
             self.assertEqual(length, 0)
             return
-        first_start, first_end = piece_range(0, piece_size, length)
-        last_start, last_end = piece_range(count - 1, piece_size, length)
-        self.assertEqual(first_start, 0)
-        self.assertEqual(last_start, (count - 1) * piece_size)
-        self.assertEqual(last_end, length - 1)
-        self.assertEqual((count - 1) * piece_size + (last_end - last_start + 1), length)
+        self.assertEqual(piece_range(0, piece_size, length)[0], 0)
+        n = data.draw(st.integers(min_value=0, max_value=count - 1), label="piece")
+        start, end = piece_range(n, piece_size, length)
+        if n < count - 1:
+            self.assertEqual(end - start + 1, piece_size)
+            self.assertEqual(piece_range(n + 1, piece_size, length)[0], end + 1)
+        else:
+            self.assertEqual(end, length - 1)
+            self.assertTrue(0 < end - start + 1 <= piece_size)
+            self.assertRaises(ValueError, piece_range, n + 1, piece_size, length)
 
     @given(lengths, piece_sizes, st.data())
     def test_piece_num_of_inverts_piece_range(self, length: int, piece_size: int, data: st.DataObject) -> None:

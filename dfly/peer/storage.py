@@ -58,6 +58,7 @@ def place(source: str, output: str, tag: str) -> None:
     inode), else copy; in both cases through a temporary name in the output's
     directory and one ``rename``.
     """
+    output = os.path.abspath(output)
     tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.{tag}.tmp")
     try:
         os.unlink(tmp)
