@@ -140,6 +140,9 @@ class SourceClient:
         except CancelledError:
             raise SourceError(codes.SOURCE_FAILED, f"source {url} did not answer within {self.timeout:g}s") from None
         except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed) as e:
+            if isinstance(e, ResponseFailed) and any(r.check(CancelledError) for r in e.reasons):
+                # treq's timeout cancels the request, which surfaces wrapped.
+                raise SourceError(codes.SOURCE_FAILED, f"source {url} did not answer within {self.timeout:g}s") from None
             raise SourceError(codes.SOURCE_FAILED, f"cannot reach source {url}: {_describe(e)}") from None
         status = response.code
         if status in (200, 206, 304):

@@ -17,7 +17,7 @@ import attrs
 from twisted.web import resource, static
 from twisted.web.iweb import IRequest
 
-from dfly.pieces import is_task_id
+from dfly.pieces import is_task_id, piece_count
 
 META_VERSION = 1
 
@@ -53,7 +53,9 @@ class CacheMeta:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "CacheMeta":
+    def from_json(cls, data: Any) -> "CacheMeta":
+        if not isinstance(data, dict):
+            raise ValueError("meta is not a JSON object")
         if data.get("version") != META_VERSION:
             raise ValueError(f"unsupported meta version {data.get('version')!r}")
         return cls(
@@ -110,6 +112,8 @@ class CdnCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
         if meta.task_id != task_id or meta.state != "done" or size != meta.length:
+            return None
+        if meta.piece_size <= 0 or len(meta.piece_digests) != piece_count(meta.length, meta.piece_size):
             return None
         return meta
 

@@ -98,8 +98,9 @@ class Task:
             d.callback(None)
 
 
-def header_fingerprint(headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
-    return frozenset((k.lower(), v) for k, v in headers.items())
+def access_key(url: str, headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
+    """What the source judged: the raw URL (signed query included) and the headers."""
+    return frozenset([("", url), *((k.lower(), v) for k, v in headers.items())])
 
 
 @attrs.define(eq=False)
@@ -188,13 +189,13 @@ class TaskManager:
             raise ApiError(
                 502, codes.SOURCE_FAILED, f"source {reg.url} answered {opened.status} to a plain GET"
             )
-        task.authorized.add(header_fingerprint(reg.headers))
+        task.authorized.add(access_key(reg.url, reg.headers))
         self.tasks[reg.task_id] = task
         return task
 
     async def _check_access(self, task: Task, reg: Registration) -> None:
         """Ask the source whether this caller may read the URL (cached bytes or not)."""
-        fingerprint = header_fingerprint(reg.headers)
+        fingerprint = access_key(reg.url, reg.headers)
         if fingerprint in task.authorized:
             return
         try:
@@ -226,6 +227,10 @@ class TaskManager:
         )
 
         def piece_ready(index: int, length: int, digest: str) -> None:
+            if length < task.piece_size:
+                # Only the last piece is short: now the length is known, and
+                # pulls woken below must offer this piece's real range.
+                task.length = index * task.piece_size + length
             task.digests.append(digest)
             task.changed()
 
