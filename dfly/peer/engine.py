@@ -277,7 +277,7 @@ class PeerEngine:
             )
         log.info("download from source, reason:{reason} ({error})", reason=reason, error=error, sign=req.sign)
         run.emit({"event": "source", "reason": reason, "error": error})
-        await self._back_source(run)
+        await self._back_source(run, reason)
         return reason
 
     # --- supernode API ----------------------------------------------------------
@@ -504,15 +504,16 @@ class PeerEngine:
 
     # --- back to source and the end ----------------------------------------------
 
-    async def _back_source(self, run: _Run) -> None:
+    async def _back_source(self, run: _Run, reason: int) -> None:
+        """Fetch straight from the source; a failure keeps the reason we came here for."""
         req = run.req
         try:
             opened = await self.source.open(req.url, req.headers)
         except SourceError as e:
-            raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, e.reason) from None
+            raise DownloadFailed(codes.ERR_DOWNLOAD, reason, e.reason) from None
         if opened.status != 200:
             abort_body(opened.response)
-            raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, f"source answered {opened.status}")
+            raise DownloadFailed(codes.ERR_DOWNLOAD, reason, f"source answered {opened.status}")
         run.open()
         self._known_length(run, opened.length)
 
@@ -527,7 +528,7 @@ class PeerEngine:
         except WriteError as e:
             raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_WRITE_ERROR, str(e)) from None
         except StreamError as e:
-            raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, f"from source: {e}") from None
+            raise DownloadFailed(codes.ERR_DOWNLOAD, reason, f"from source: {e}") from None
         run.from_source = total
         self._known_length(run, total)
 
