@@ -40,12 +40,15 @@ def format_line(event: LogEvent, default_sign: str | None) -> str | None:
         message = f"{message}\n{failure.getTraceback()}".rstrip("\n")
     if not message:
         return None
-    stamp = event.get("log_time") or time.time()
+    level = getattr(event.get("log_level"), "name", "info")
+    return plain_line(event.get("log_time") or time.time(), level, event.get("sign") or default_sign, message)
+
+
+def plain_line(stamp: float, level: str, sign: str | None, message: str) -> str:
+    """The line format itself, for writers that do without twisted.logger."""
     millis = int((stamp - int(stamp)) * 1000)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) + f".{millis:03d}"
-    levl = getattr(event.get("log_level"), "name", "info").upper()[:4]
-    sign = event.get("sign") or default_sign
-    prefix = f"{when} {levl} sign:{sign} : " if sign else f"{when} {levl} : "
+    prefix = f"{when} {level.upper()[:4]} sign:{sign} : " if sign else f"{when} {level.upper()[:4]} : "
     return prefix + message + "\n"
 
 

@@ -7,11 +7,9 @@ business (``deliverBody`` into a sink), so nothing here buffers a file.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import attrs
-import hyperlink
-from urllib.parse import urlsplit
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Protocol
@@ -65,18 +63,6 @@ class SourceResponse:
     @property
     def not_modified(self) -> bool:
         return self.status == 304
-
-
-def parse_header_lines(lines: Iterable[str]) -> dict[str, str]:
-    """``["K: V", ...]`` (dfget's ``--header``) into a dict; ValueError on junk."""
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, sep, value = line.partition(":")
-        name = name.strip()
-        if not sep or not name or any(c.isspace() for c in name) or "\n" in value or "\r" in value:
-            raise ValueError(f"invalid header {line!r}: expected 'Name: value'")
-        headers[name] = value.strip()
-    return headers
 
 
 def _first(headers: Headers, name: str) -> str | None:
@@ -169,25 +155,3 @@ def _describe(error: BaseException) -> str:
         reasons = [r.getErrorMessage() for r in error.reasons] if error.reasons else []
         return "; ".join(reasons) or "connection closed"
     return str(error) or type(error).__name__
-
-
-def check_url(url: Any) -> str:
-    """``url`` if it is an absolute http(s) URL with a host; ValueError otherwise.
-
-    Unlike Dragonfly 0.4, ``localhost`` and bare IPs are fine: no dotted-host rule.
-    """
-    if not isinstance(url, str) or not url:
-        raise ValueError("missing URL")
-    try:
-        parsed = hyperlink.URL.from_text(url)
-    except (hyperlink.URLParseError, ValueError) as e:
-        raise ValueError(f"invalid URL {url!r}: {e}") from None
-    if parsed.scheme not in ("http", "https"):
-        raise ValueError(f"unsupported URL {url!r}: only http:// and https:// are supported")
-    if not parsed.host or any(c.isspace() for c in url):
-        raise ValueError(f"invalid URL {url!r}: no host")
-    try:
-        urlsplit(url).port
-    except ValueError:
-        raise ValueError(f"invalid URL {url!r}: bad port") from None
-    return url

@@ -5,25 +5,25 @@ It validates the arguments, finds the host's peer daemon through
 download, shows progress, prints Dragonfly's result line and exits 0 only
 when the output file is complete and verified.  When no daemon can run, it
 downloads in-process with the same engine.
+
+The usual path is deliberately thin: plain ``http.client`` to the daemon and
+no reactor, so a run costs little more than the download itself.  Twisted's
+reactor and HTTP stack are imported only for the in-process fallback and for
+``dfget server``.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import unquote, urlsplit
 
-import treq
-from twisted.internet import defer, task
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
-from twisted.logger import Logger, globalLogBeginner
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 import dfly
 from dfly import codes
@@ -36,18 +36,18 @@ from dfly.config import (
     parse_nodes,
     parse_size,
 )
-from dfly.logs import CLIENT_NAMESPACE, is_dfly_event, line_observer, make_sign, open_log
-from dfly.pieces import is_md5, parse_digest, parse_filter
+from dfly.logs import make_sign, open_log, plain_line
 from dfly.peer import storage
-from dfly.peer.engine import DownloadRequest, DownloadResult
-from dfly.peer.localapi import TOKEN_HEADER
-from dfly.peer.tap import Options as ServerOptions
-from dfly.source import check_url, parse_header_lines
-
-log = Logger(namespace=CLIENT_NAMESPACE)
+from dfly.peer.hostmeta import TOKEN_HEADER, read_host_meta
+from dfly.peer.options import Options as ServerOptions
+from dfly.peer.request import DownloadRequest, DownloadResult, request_to_json
+from dfly.pieces import is_md5, parse_digest, parse_filter
+from dfly.urls import check_url, parse_header_lines
 
 #: How long dfget waits for a daemon it started to answer.
 DAEMON_START_TIMEOUT = 10.0
+
+Show = Callable[[dict[str, Any]], None]
 
 
 class Options(usage.Options):
@@ -141,154 +141,141 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
     )
 
 
-def request_json(req: DownloadRequest) -> dict[str, Any]:
-    return {
-        "url": req.url,
-        "output": req.output,
-        "sign": req.sign,
-        "nodes": [f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in req.nodes],
-        "headers": [f"{k}: {v}" for k, v in req.headers.items()],
-        "md5": req.md5,
-        "identifier": req.identifier,
-        "digest": f"{req.digest[0]}:{req.digest[1]}" if req.digest else None,
-        "filter": list(req.filter),
-        "timeout": req.timeout,
-        "minRate": req.min_rate,
-        "notbs": not req.back_source,
-    }
+class ClientLog:
+    """The CLI's lines in dfclient.log (the daemon adds its own for the same sign)."""
+
+    def __init__(self, home: Home, sign: str, console: bool) -> None:
+        self.file = open_log(home.log_file("dfclient.log"))
+        self.sign = sign
+        self.console = console
+
+    def write(self, level: str, message: str) -> None:
+        line = plain_line(time.time(), level, self.sign, message)
+        self.file.write(line)
+        if self.console:
+            sys.stdout.write(line)
+
+    def close(self) -> None:
+        self.file.close()
 
 
-# --- finding or starting the daemon ---------------------------------------------
+# --- the peer daemon --------------------------------------------------------------
 
 
-def read_host_meta(home: Home) -> dict[str, Any] | None:
+def ping_daemon(meta: dict[str, Any]) -> bool:
+    """Is the daemon of this host.meta alive (and the one that wrote it)?"""
+    conn = http.client.HTTPConnection("127.0.0.1", meta["servicePort"], timeout=2)
     try:
-        with open(home.host_meta) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or not isinstance(meta.get("servicePort"), int) or not meta.get("token"):
-        return None
-    return meta
-
-
-async def ping_daemon(reactor: Any, meta: dict[str, Any]) -> bool:
-    try:
-        response = await treq.get(f"http://127.0.0.1:{meta['servicePort']}/_ping", timeout=2, reactor=reactor)
-        body = await response.json()
-    except Exception:
+        conn.request("GET", "/_ping")
+        response = conn.getresponse()
+        body = json.loads(response.read())
+    except (OSError, ValueError, http.client.HTTPException):
         return False
-    return response.code == 200 and body.get("data", {}).get("pid") == meta.get("pid")
+    finally:
+        conn.close()
+    return response.status == 200 and body.get("data", {}).get("pid") == meta.get("pid")
 
 
 def spawn_daemon(home: Home) -> subprocess.Popen[bytes]:
-    """Start ``dfget server`` detached from this terminal, logging to dfserver.log."""
-    out = open(home.log_file("dfserver.out"), "wb")
-    try:
+    """Start ``dfget server`` detached from this terminal; its log is dfserver.log."""
+    with open(home.log_file("dfserver.out"), "wb") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "dfly.peer.cli", "server", "--home", home.root],
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,  # its log is dfserver.log; stderr keeps start-up errors
-            stderr=out,
+            stdout=subprocess.DEVNULL,
+            stderr=err,  # start-up failures, before the daemon's own log exists
             start_new_session=True,
             close_fds=True,
         )
-    finally:
-        out.close()
 
 
-async def find_daemon(reactor: Any, home: Home) -> dict[str, Any] | None:
+def find_daemon(home: Home, log: ClientLog) -> dict[str, Any] | None:
     """A live daemon's host.meta, starting a daemon if needed; None if none comes up."""
     meta = read_host_meta(home)
-    if meta is not None and await ping_daemon(reactor, meta):
+    if meta is not None and ping_daemon(meta):
         return meta
     try:
-        process = spawn_daemon(home)
+        spawn_daemon(home)
     except OSError as e:
-        log.warn("cannot start the peer daemon: {error}", error=e)
+        log.write("warn", f"cannot start the peer daemon: {e}")
         return None
-    deadline = reactor.seconds() + DAEMON_START_TIMEOUT
-    while reactor.seconds() < deadline:
-        await task.deferLater(reactor, 0.05)
+    # The new daemon, or another one that won the race for the home lock,
+    # publishes host.meta once it listens.
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
         meta = read_host_meta(home)
-        if meta is not None and await ping_daemon(reactor, meta):
+        if meta is not None and ping_daemon(meta):
             return meta
-        if process.poll() is not None and process.returncode != 0 and meta is None:
-            # It lost the race for the lock to another starting daemon, or failed:
-            # keep waiting for whoever holds the lock to publish host.meta.
-            continue
-    log.warn("the peer daemon did not come up within {t:g}s", t=DAEMON_START_TIMEOUT)
+    log.write("warn", f"the peer daemon did not come up within {DAEMON_START_TIMEOUT:g}s")
     return None
 
 
-class _EventLines(Protocol):
-    """Reads the daemon's JSON-lines answer, handing each event to ``on_event``."""
-
-    def __init__(self, on_event: Any) -> None:
-        self.on_event = on_event
-        self.buffer = b""
-        self.done: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        *lines, self.buffer = self.buffer.split(b"\n")
-        for line in lines:
-            if line.strip():
-                self.on_event(json.loads(line))
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.done.callback(None)
+class DaemonRefused(Exception):
+    """The daemon answered the request with an error (bad request, no access)."""
 
 
-async def download_via_daemon(reactor: Any, meta: dict[str, Any], req: DownloadRequest, show: Any) -> DownloadResult | None:
-    """Ask the daemon; None when it broke off without a result."""
-    result: list[dict[str, Any]] = []
-
-    def on_event(event: dict[str, Any]) -> None:
-        if event.get("event") == "result":
-            result.append(event)
-        else:
+def download_via_daemon(meta: dict[str, Any], req: DownloadRequest, show: Show) -> DownloadResult | None:
+    """Ask the daemon and follow its event stream; None when it broke off without a result."""
+    conn = http.client.HTTPConnection("127.0.0.1", meta["servicePort"])
+    try:
+        conn.request(
+            "POST", "/local/download", body=json.dumps(request_to_json(req)).encode(),
+            headers={"Content-Type": "application/json", TOKEN_HEADER.decode(): meta["token"]},
+        )
+        response = conn.getresponse()
+        if response.status != 200:
+            try:
+                reason = json.loads(response.read())["msg"]
+            except (ValueError, KeyError, TypeError):
+                reason = f"the peer daemon answered {response.status}"
+            raise DaemonRefused(reason)
+        while line := response.readline():
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if event.get("event") == "result":
+                return DownloadResult.from_json(event)
             show(event)
-
-    response = await treq.post(
-        f"http://127.0.0.1:{meta['servicePort']}/local/download",
-        json=request_json(req),
-        headers={TOKEN_HEADER: meta["token"]},
-        unbuffered=True,
-        reactor=reactor,
-    )
-    if response.code != 200:
-        try:
-            reason = (await response.json())["msg"]
-        except Exception:
-            reason = f"the peer daemon answered {response.code}"
-        raise ValueError(reason)
-    lines = _EventLines(on_event)
-    response.deliverBody(lines)
-    await lines.done
-    if not result:
+    except (OSError, http.client.HTTPException, ValueError):
         return None
-    r = result[0]
-    return DownloadResult(
-        success=r["success"], cost=r["cost"], length=r["length"], reason=r["reason"], code=r["code"], error=r["error"],
-        from_peers=r["fromPeers"], from_supernode=r["fromSupernode"], from_source=r["fromSource"],
-    )
+    finally:
+        conn.close()
+    return None
 
 
-async def download_in_process(reactor: Any, home: Home, req: DownloadRequest, show: Any) -> DownloadResult:
+def download_in_process(home: Home, req: DownloadRequest, show: Show) -> DownloadResult:
+    """No daemon could run: the same engine, in this process, for this one download."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.logger import globalLogBeginner
+
     from dfly.httpclient import make_http_client
+    from dfly.logs import is_dfly_event, line_observer
     from dfly.peer.engine import PeerEngine
 
-    http, pool = make_http_client(reactor)
-    engine = PeerEngine(reactor, http, home)
-    try:
-        return await engine.download(req, show)
-    finally:
-        await pool.closeCachedConnections()
+    log_file = open_log(home.log_file("dfclient.log"))
+    globalLogBeginner.beginLoggingTo([line_observer(log_file, req.sign, is_dfly_event)], redirectStandardIO=False)
+    results: list[Any] = []
+
+    async def go() -> None:
+        http, pool = make_http_client(reactor)
+        try:
+            results.append(await PeerEngine(reactor, http, home).download(req, show))
+        finally:
+            await pool.closeCachedConnections()
+
+    Deferred.fromCoroutine(go()).addErrback(results.append).addBoth(lambda _: reactor.stop())
+    reactor.run()
+    log_file.close()
+    if not results or not isinstance(results[0], DownloadResult):
+        error = results[0].getErrorMessage() if results else "interrupted"
+        return DownloadResult(False, 0.0, -1, codes.REASON_DOWNLOAD_ERROR, codes.ERR_DOWNLOAD, error)
+    return results[0]
 
 
 class ProgressDisplay:
-    """Turns download events into a tqdm bar (``--showbar``) or nothing."""
+    """Turns download events into a tqdm bar on stderr (``--showbar``) or nothing."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -298,11 +285,12 @@ class ProgressDisplay:
         if not self.enabled:
             return
         if event.get("event") == "progress":
-            from tqdm import tqdm
-
-            total = event.get("total", -1)
             if self.bar is None:
-                self.bar = tqdm(total=total if total >= 0 else None, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+                from tqdm import tqdm
+
+                total = event.get("total", -1)
+                self.bar = tqdm(total=total if total >= 0 else None, unit="B", unit_scale=True,
+                                unit_divisor=1024, file=sys.stderr)
             self.bar.update(event["done"] - self.bar.n)
         elif event.get("event") == "source":
             self.close()
@@ -314,7 +302,7 @@ class ProgressDisplay:
             self.bar = None
 
 
-async def run(reactor: Any, opts: Options) -> int:
+def run(opts: Options) -> int:
     req: DownloadRequest = opts["request"]
     home = Home(opts["home"] or default_home())
     try:
@@ -322,34 +310,35 @@ async def run(reactor: Any, opts: Options) -> int:
     except OSError as e:
         print(f"dfget: error: cannot create home {home.root}: {e.strerror}", file=sys.stderr)
         return 2
-    client_log = open_log(home.log_file("dfclient.log"))
-    observers = [line_observer(client_log, req.sign, is_dfly_event)]
-    if opts["console"]:
-        observers.append(line_observer(sys.stdout, req.sign, is_dfly_event))
-    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
-    log.info("get cmd params:{argv}", argv=json.dumps(sys.argv))
+    log = ClientLog(home, req.sign, opts["console"])
+    log.write("info", f"get cmd params:{json.dumps(sys.argv)}")
     print(f"--{time.strftime('%Y-%m-%d %H:%M:%S')}--  {req.url}")
     print(f"dfget version:{dfly.__version__}")
     print(f"workspace:{home.root} sign:{req.sign}")
     show = ProgressDisplay(opts["showbar"])
-    result: DownloadResult | None = None
     try:
-        meta = await find_daemon(reactor, home)
+        meta = find_daemon(home, log)
         if meta is not None:
             try:
-                result = await download_via_daemon(reactor, meta, req, show)
-            except ValueError as e:
+                result = download_via_daemon(meta, req, show)
+            except DaemonRefused as e:
                 print(f"dfget: error: {e}", file=sys.stderr)
                 return 2
             if result is None:
-                result = DownloadResult(False, 0.0, -1, codes.REASON_DOWNLOAD_ERROR, codes.ERR_DOWNLOAD, "the peer daemon stopped during the download")
+                result = DownloadResult(False, 0.0, -1, codes.REASON_DOWNLOAD_ERROR, codes.ERR_DOWNLOAD,
+                                        "the peer daemon stopped during the download")
         else:
-            log.info("no peer daemon: downloading in this process")
-            result = await download_in_process(reactor, home, req, show)
+            log.write("info", "no peer daemon: downloading in this process")
+            result = download_in_process(home, req, show)
+    except KeyboardInterrupt:
+        # Closing our connection is what cancels the daemon's download.
+        print("dfget: interrupted", file=sys.stderr)
+        return 130
     finally:
         show.close()
+        log.close()
     print(result.line())
-    if result.success and (result.from_peers or result.from_supernode or result.from_source):
+    if result.success:
         print(f"from peers:{result.from_peers} from supernode:{result.from_supernode} from source:{result.from_source}")
     return 0 if result.success else 1
 
@@ -365,13 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if opts.subCommand == "server":
         run_server(opts.subOptions)
         return
-    task.react(lambda reactor: defer.ensureDeferred(_exit_code(reactor, opts)))
-
-
-async def _exit_code(reactor: Any, opts: Options) -> None:
-    code = await run(reactor, opts)
-    if code:
-        raise SystemExit(code)
+    raise SystemExit(run(opts))
 
 
 def run_server(sub: ServerOptions) -> None:
@@ -379,7 +362,9 @@ def run_server(sub: ServerOptions) -> None:
     from twisted.application.app import startApplication
     from twisted.application.service import Application
     from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
 
+    from dfly.logs import line_observer
     from dfly.peer.tap import DaemonLockHeld, build_service
 
     config = sub["config_obj"]

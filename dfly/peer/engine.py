@@ -35,6 +35,7 @@ from dfly.pieces import DEFAULT_PIECE_SIZE, parse_range
 from dfly.source import SourceClient, SourceError, abort_body
 from dfly.stream import BodyWriter, StreamError, WriteError
 from dfly.peer import storage
+from dfly.peer.request import DownloadRequest, DownloadResult
 
 log = Logger(namespace=CLIENT_NAMESPACE)
 
@@ -44,60 +45,6 @@ MAX_PIECE_FAILURES = 8
 DEFAULT_TIMEOUT = 300.0
 
 Emit = Callable[[dict[str, Any]], None]
-
-
-@attrs.frozen
-class DownloadRequest:
-    """One ``dfget`` run, validated by the CLI or the local API."""
-
-    url: str
-    output: str  # absolute
-    sign: str
-    nodes: tuple[tuple[str, int], ...] = ()
-    headers: Mapping[str, str] = attrs.field(factory=dict)
-    md5: str | None = None
-    identifier: str | None = None
-    digest: tuple[str, str] | None = None  # ("sha256", hex)
-    filter: tuple[str, ...] = ()
-    timeout: float = 0.0  # 0: from the length and min_rate
-    min_rate: int = 64 << 10
-    back_source: bool = True
-
-
-@attrs.frozen
-class DownloadResult:
-    success: bool
-    cost: float
-    length: int
-    reason: int = codes.REASON_NONE
-    code: int = 0
-    error: str = ""
-    from_peers: int = 0
-    from_supernode: int = 0
-    from_source: int = 0
-
-    def line(self) -> str:
-        """The result line users and scripts know from Dragonfly."""
-        if self.success:
-            return f"download SUCCESS(0) cost:{self.cost:.3f}s length:{self.length} reason:{self.reason}"
-        return (
-            f"download FAIL({self.code}) cost:{self.cost:.3f}s length:{self.length} "
-            f"reason:{self.reason} error:{self.error}"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "success": self.success,
-            "cost": round(self.cost, 3),
-            "length": self.length,
-            "reason": self.reason,
-            "code": self.code,
-            "error": self.error,
-            "fromPeers": self.from_peers,
-            "fromSupernode": self.from_supernode,
-            "fromSource": self.from_source,
-            "line": self.line(),
-        }
 
 
 class DownloadFailed(Exception):

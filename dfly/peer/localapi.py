@@ -21,57 +21,12 @@ from twisted.web.iweb import IRequest
 
 import dfly
 from dfly import codes
-from dfly.config import parse_nodes, parse_size
 from dfly.jsonapi import ApiError, bad_request, envelope, json_app, read_json
-from dfly.pieces import is_md5, parse_digest, parse_filter
-from dfly.peer.engine import DownloadRequest, PeerEngine
-from dfly.source import check_url, parse_header_lines
+from dfly.peer.engine import PeerEngine
+from dfly.peer.hostmeta import TOKEN_HEADER
+from dfly.peer.request import request_from_json
 
 log = Logger(namespace="dfly.peer")
-
-TOKEN_HEADER = b"X-Dfly-Token"
-
-
-def parse_download(body: dict[str, Any]) -> DownloadRequest:
-    """Validate a download request as strictly as the CLI does."""
-    try:
-        url = check_url(body.get("url"))
-        output = body.get("output")
-        if not isinstance(output, str) or not os.path.isabs(output):
-            raise ValueError("output must be an absolute path")
-        sign = body.get("sign")
-        if not isinstance(sign, str) or not sign or len(sign) > 64:
-            raise ValueError("missing sign")
-        md5 = body.get("md5") or None
-        identifier = body.get("identifier") or None
-        if md5 and identifier:
-            raise ValueError("give md5 or identifier, not both")
-        if md5 is not None and (not isinstance(md5, str) or not is_md5(md5)):
-            raise ValueError(f"invalid md5 {md5!r}: expected 32 hex digits")
-        digest = parse_digest(body["digest"]) if body.get("digest") else None
-        headers = body.get("headers") or []
-        if not isinstance(headers, list):
-            raise ValueError("headers must be a list of 'Name: value' strings")
-        timeout = body.get("timeout", 0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-            raise ValueError(f"invalid timeout {timeout!r}")
-        return DownloadRequest(
-            url=url,
-            output=output,
-            sign=sign,
-            nodes=parse_nodes(body.get("nodes") or []),
-            headers=parse_header_lines(headers),
-            md5=md5.lower() if md5 else None,
-            identifier=identifier,
-            digest=digest,
-            filter=parse_filter(body.get("filter")),
-            timeout=float(timeout),
-            min_rate=parse_size(body.get("minRate", 64 << 10)),
-            back_source=not body.get("notbs", False),
-        )
-    except (ValueError, TypeError) as e:
-        raise bad_request(str(e)) from None
-
 
 class LocalApi:
     app = json_app()
@@ -90,7 +45,10 @@ class LocalApi:
     @app.route("/local/download", methods=["POST"])
     async def download(self, request: IRequest) -> bytes:
         self._authorize(request)
-        req = parse_download(read_json(request))
+        try:
+            req = request_from_json(read_json(request))
+        except ValueError as e:
+            raise bad_request(str(e)) from None
         request.setHeader(b"content-type", b"application/x-ndjson")
 
         def emit(event: dict[str, Any]) -> None:

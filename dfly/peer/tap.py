@@ -9,7 +9,6 @@ work.  ``build_service(config, reactor)`` is the pure wiring tests use.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import secrets
 from typing import Any, Callable
@@ -19,62 +18,20 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 import dfly
-from dfly.config import Home, check_ip, default_home, parse_duration
+from dfly.config import Home
 from dfly.httpclient import make_http_client
 from dfly.logs import is_client_event, line_observer, make_sign, open_log
 from dfly.peer.engine import PeerEngine
+from dfly.peer.hostmeta import remove_host_meta, write_host_meta
 from dfly.peer.localapi import LocalApi
+from dfly.peer.options import Options, PeerConfig
 from dfly.services import ListeningService, LogObserverService
 
 log = Logger(namespace="dfly.peer")
-
-
-@attrs.frozen
-class PeerConfig:
-    home: str
-    port: int = 0
-    listen: str = "127.0.0.1"
-    ip: str | None = None
-    alivetime: float = 300.0
-
-
-class Options(usage.Options):
-    synopsis = "[options]"
-    longdesc = (
-        "Run the dfly peer daemon in the foreground.  dfget starts one on demand; run it yourself "
-        "to choose its port.  It exits after --alivetime without downloads."
-    )
-    optParameters = [
-        ["home", None, None, "dfly home directory [default: ~/.small-dragonfly]."],
-        ["port", None, "0", "Port of the peer server; 0 picks a free one."],
-        ["listen", None, "127.0.0.1", "Address the peer server listens on."],
-        ["ip", None, None, "IP to advertise to the supernode [default: the address that reaches it]."],
-        ["alivetime", None, "5m", "Exit after this long without work (e.g. 90s, 5m; 0 = never)."],
-    ]
-
-    def opt_version(self) -> None:
-        print(f"dfly peer daemon {dfly.__version__}")
-        raise SystemExit(0)
-
-    def postOptions(self) -> None:
-        try:
-            port = self["port"]
-            if not port.isdigit() or int(port) > 65535:
-                raise ValueError(f"invalid --port {port!r}: expected 0-65535")
-            self["config_obj"] = PeerConfig(
-                home=os.path.abspath(os.path.expanduser(self["home"] or default_home())),
-                port=int(port),
-                listen=check_ip(self["listen"]),
-                ip=check_ip(self["ip"]) if self["ip"] else None,
-                alivetime=parse_duration(self["alivetime"]),
-            )
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from None
 
 
 class DaemonLockHeld(Exception):
@@ -119,12 +76,7 @@ class PeerDaemon(Service):
 
     def _publish(self, port: Any) -> Any:
         self.engine.port = port.getHost().port
-        meta = {"servicePort": self.engine.port, "token": self.token, "pid": os.getpid(), "version": dfly.__version__}
-        tmp = self.home.host_meta + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, self.home.host_meta)
+        write_host_meta(self.home, self.engine.port, self.token, dfly.__version__)
         log.info("peer daemon {pid} serving on port {port}, home {home}", pid=os.getpid(), port=self.engine.port, home=self.home.root)
         return port
 
@@ -143,13 +95,7 @@ class PeerDaemon(Service):
         if self._idle_check is not None and self._idle_check.running:
             self._idle_check.stop()
         if self._lock_fd is not None:
-            try:
-                with open(self.home.host_meta) as f:
-                    ours = json.load(f).get("pid") == os.getpid()
-            except (OSError, ValueError):
-                ours = False
-            if ours:
-                os.unlink(self.home.host_meta)
+            remove_host_meta(self.home)
             os.close(self._lock_fd)
             self._lock_fd = None
         return self.pool.closeCachedConnections()

@@ -18,7 +18,7 @@ import dfly
 from dfly import codes
 from dfly.jsonapi import bad_request, envelope, json_app, query_arg, query_int, read_json
 from dfly.pieces import is_md5, is_task_id, parse_filter, parse_range, piece_num_of, task_id, task_url
-from dfly.source import check_url, parse_header_lines
+from dfly.urls import check_url, parse_header_lines
 from dfly.supernode.tasks import Registration, TaskManager
 
 log = Logger(namespace="dfly.supernode.api")

@@ -1,0 +1,58 @@
+"""Options of the peer daemon (``dfget server``, ``twistd dfget``).
+
+Separate from `dfly.peer.tap` so the ``dfget`` CLI can parse ``dfget server``
+without importing the daemon's HTTP stack.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+from twisted.python import usage
+
+import dfly
+from dfly.config import check_ip, default_home, parse_duration
+
+
+@attrs.frozen
+class PeerConfig:
+    home: str
+    port: int = 0
+    listen: str = "127.0.0.1"
+    ip: str | None = None
+    alivetime: float = 300.0
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the dfly peer daemon in the foreground.  dfget starts one on demand; run it yourself "
+        "to choose its port.  It exits after --alivetime without downloads."
+    )
+    optParameters = [
+        ["home", None, None, "dfly home directory [default: ~/.small-dragonfly]."],
+        ["port", None, "0", "Port of the peer server; 0 picks a free one."],
+        ["listen", None, "127.0.0.1", "Address the peer server listens on."],
+        ["ip", None, None, "IP to advertise to the supernode [default: the address that reaches it]."],
+        ["alivetime", None, "5m", "Exit after this long without work (e.g. 90s, 5m; 0 = never)."],
+    ]
+
+    def opt_version(self) -> None:
+        print(f"dfly peer daemon {dfly.__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            port = self["port"]
+            if not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"invalid --port {port!r}: expected 0-65535")
+            self["config_obj"] = PeerConfig(
+                home=os.path.abspath(os.path.expanduser(self["home"] or default_home())),
+                port=int(port),
+                listen=check_ip(self["listen"]),
+                ip=check_ip(self["ip"]) if self["ip"] else None,
+                alivetime=parse_duration(self["alivetime"]),
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
