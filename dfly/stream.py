@@ -2,24 +2,58 @@
 
 Used for every byte that moves: the supernode cutting a source stream into
 cached pieces, a peer receiving one piece, a peer going back to source.
-Invariants: bytes are written at ``offset + position`` as they arrive (memory
-stays flat whatever the file size); each complete piece is reported once with
-its sha256; the stream fails if it carries more or fewer bytes than expected
-or goes quiet for ``idle_timeout``.
+
+Invariants:
+
+- bytes are written at ``offset + position``; memory holds at most
+  `MAX_QUEUED` bytes of a body (the transport is paused above it);
+- hashing and writing run through ``run_blocking`` (a worker thread in the
+  services, inline in unit tests), one batch at a time and in order, so the
+  reactor thread only receives; a batch is handed over when it reaches
+  `BATCH` bytes or completes a piece;
+- each complete piece is reported once, with its sha256, after its bytes
+  are written, and never when the body turns out short or long;
+- ``done`` fires after the last write (so a retry can never race a stale
+  write), except when cancelled: the writer owns a duplicate of the file
+  descriptor, so late writes land in the file it was given and nowhere else;
+- the stream fails if it carries more or fewer bytes than expected or goes
+  quiet for ``idle_timeout``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+
+#: Bytes handed to the worker at once.
+BATCH = 1 << 20
+#: Bytes received but not yet written above which the transport is paused.
+MAX_QUEUED = 4 << 20
+
+T = TypeVar("T")
+#: Runs a blocking call somewhere and fires with its result.
+RunBlocking = Callable[[Callable[[], T]], "Deferred[T]"]
+#: Called with (index of the piece within this stream, its length, its hex sha256).
+PieceCallback = Callable[[int, int, str], None]
+
+
+def run_inline(f: Callable[[], T]) -> Deferred[T]:
+    return maybeDeferred(f)
+
+
+def thread_runner(reactor: Any) -> RunBlocking:
+    """Blocking work in the reactor's thread pool."""
+    from twisted.internet.threads import deferToThreadPool
+
+    return lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f)
 
 
 class StreamError(Exception):
@@ -28,10 +62,6 @@ class StreamError(Exception):
 
 class WriteError(StreamError):
     """The local disk refused the bytes (full, read-only, removed)."""
-
-
-#: Called with (index of the piece within this stream, its length, its hex sha256).
-PieceCallback = Callable[[int, int, str], None]
 
 
 class BodyWriter(Protocol):
@@ -44,15 +74,27 @@ class BodyWriter(Protocol):
         on_piece: PieceCallback,
         clock: IReactorTime,
         idle_timeout: float = 30.0,
+        run_blocking: RunBlocking = run_inline,
     ) -> None:
-        self._fd = fd
+        self._fd = os.dup(fd)
         self._offset = offset
         self._piece_size = piece_size
         self._expected = expected_length
         self._on_piece = on_piece
         self._clock = clock
         self._idle_timeout = idle_timeout
+        self._run = run_blocking
         self._idle: IDelayedCall | None = None
+        # Reactor side: what has arrived and not yet been handed over.
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._batch_start = 0
+        self._since_boundary = 0
+        self._queued = 0
+        self._paused: set[str] = set()
+        self._tail: Deferred[Any] = succeed(None)
+        self._closing = False
+        # Worker side: touched only by _write_batch, which runs one at a time.
         self._hash = hashlib.sha256()
         self._in_piece = 0
         self._pieces = 0
@@ -66,56 +108,94 @@ class BodyWriter(Protocol):
         self._idle = self._clock.callLater(self._idle_timeout, self._stalled)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._error is not None:
+        if self._error is not None or self.done.called:
             return
         if self._expected >= 0 and self.received + len(data) > self._expected:
             self._fail(StreamError(f"body longer than the expected {self._expected} bytes"))
             return
-        view = memoryview(data)
-        try:
-            while view:
-                take = min(len(view), self._piece_size - self._in_piece)
-                chunk = view[:take]
-                self._hash.update(chunk)
-                _pwrite_all(self._fd, chunk, self._offset + self.received)
-                self.received += take
-                self._in_piece += take
-                view = view[take:]
-                if self._in_piece == self._piece_size:
-                    self._emit_piece()
-        except OSError as e:
-            self._fail(WriteError(f"cannot write: {e.strerror or e}"))
-            return
+        self.received += len(data)
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        self._since_boundary += len(data)
+        if self._since_boundary >= self._piece_size or self._batch_bytes >= BATCH:
+            self._since_boundary %= self._piece_size
+            self._hand_over()
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._idle_timeout)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._stop_timer()
+        if self._closing:
+            return
+        self._closing = True
+        if self.done.called:  # cancelled: only wait for queued writes, then close
+            self._tail.addBoth(self._finish)
+            return
+        if self._error is None and reason is not None and not reason.check(ResponseDone, PotentialDataLoss):
+            self._error = Failure(StreamError(f"connection lost after {self.received} bytes: {reason.getErrorMessage()}"))
+        if self._error is None and self._expected >= 0 and self.received != self._expected:
+            # Decided before the last piece is reported: a truncated piece must
+            # never be announced with a digest.
+            self._error = Failure(StreamError(f"short body: got {self.received} of {self._expected} bytes"))
+        if self._error is None:
+            self._hand_over()
+            self._tail.addCallback(lambda _: self._run(self._last_piece)).addCallback(self._report)
+        self._tail.addBoth(self._finish)
+
+    # reactor side ------------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        """Queue the batch for the worker; pause the transport if too much waits."""
+        if not self._batch:
+            return
+        chunks, start = self._batch, self._batch_start
+        size = self._batch_bytes
+        self._batch, self._batch_bytes, self._batch_start = [], 0, start + size
+        self._queued += size
+
+        def written(pieces: list[tuple[int, int, str]]) -> None:
+            self._queued -= size
+            self._report(pieces)
+            if self._queued <= MAX_QUEUED // 4:
+                self._resume("queue")
+
+        self._tail.addCallback(lambda _: self._run(lambda: self._write_batch(chunks, start))).addCallbacks(
+            written, self._write_failed
+        )
+        if self._queued > MAX_QUEUED:
+            self._pause("queue")
+
+    def _report(self, pieces: list[tuple[int, int, str]]) -> None:
+        if self._error is None:
+            for piece in pieces:
+                self._on_piece(*piece)
+
+    def _write_failed(self, failure: Failure) -> None:
+        error = failure.value
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        self._fail(WriteError(f"cannot write: {reason}"))
+
+    def _finish(self, _: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if self.done.called:
             return
         if self._error is not None:
             self.done.errback(self._error)
-            return
-        if reason is not None and not reason.check(ResponseDone, PotentialDataLoss):
-            self.done.errback(StreamError(f"connection lost after {self.received} bytes: {reason.getErrorMessage()}"))
-            return
-        if self._expected >= 0 and self.received != self._expected:
-            # Checked before the last piece is reported: a truncated piece must
-            # never be announced with a digest.
-            self.done.errback(StreamError(f"short body: got {self.received} of {self._expected} bytes"))
-            return
-        if self._in_piece:
-            self._emit_piece()
-        self.done.callback(self.received)
+        else:
+            self.done.callback(self.received)
 
-    # internals -------------------------------------------------------------------
+    def _pause(self, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pauseProducing()
+        self._paused.add(reason)
 
-    def _emit_piece(self) -> None:
-        index, length, digest = self._pieces, self._in_piece, self._hash.hexdigest()
-        self._pieces += 1
-        self._in_piece = 0
-        self._hash = hashlib.sha256()
-        self._on_piece(index, length, digest)
+    def _resume(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and self.transport is not None and self._error is None:
+                self.transport.resumeProducing()
 
     def _stalled(self) -> None:
         self._idle = None
@@ -126,17 +206,22 @@ class BodyWriter(Protocol):
         if self._error is None:
             self._error = Failure(error)
         self._stop_timer()
+        self._batch, self._batch_bytes = [], 0
         if self.transport is not None:
             self.transport.stopProducing()
-        else:
-            self.done.errback(self._error)
+        elif not self._closing:
+            self._closing = True
+            self._tail.addBoth(self._finish)
 
     def _cancel(self, d: Deferred[Any]) -> None:
         self._error = Failure(CancelledError())
         self._stop_timer()
+        self._batch, self._batch_bytes = [], 0
         if self.transport is not None:
             self.transport.stopProducing()
-        # Fire now: a canceller must leave the Deferred called.
+        elif not self._closing:
+            self._closing = True
+            self._tail.addBoth(self._finish)
         if not d.called:
             d.errback(self._error)
 
@@ -145,9 +230,41 @@ class BodyWriter(Protocol):
             self._idle.cancel()
         self._idle = None
 
+    # worker side -------------------------------------------------------------------
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data = data[written:]
+    def _write_batch(self, chunks: list[bytes], start: int) -> list[tuple[int, int, str]]:
+        """Hash and write one batch; the pieces it completed, in order."""
+        completed: list[tuple[int, int, str]] = []
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                take = min(len(view), self._piece_size - self._in_piece)
+                self._hash.update(view[:take])
+                self._in_piece += take
+                view = view[take:]
+                if self._in_piece == self._piece_size:
+                    completed.append(self._close_piece())
+        _pwritev_all(self._fd, chunks, self._offset + start)
+        return completed
+
+    def _last_piece(self) -> list[tuple[int, int, str]]:
+        return [self._close_piece()] if self._in_piece else []
+
+    def _close_piece(self) -> tuple[int, int, str]:
+        piece = (self._pieces, self._in_piece, self._hash.hexdigest())
+        self._pieces += 1
+        self._in_piece = 0
+        self._hash = hashlib.sha256()
+        return piece
+
+
+def _pwritev_all(fd: int, chunks: list[bytes], offset: int) -> None:
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        written = os.pwritev(fd, views, offset)
         offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]

@@ -33,7 +33,7 @@ from dfly.config import Home, format_node
 from dfly.logs import CLIENT_NAMESPACE
 from dfly.pieces import DEFAULT_PIECE_SIZE, parse_range
 from dfly.source import SourceClient, SourceError, abort_body
-from dfly.stream import BodyWriter, StreamError, WriteError
+from dfly.stream import BodyWriter, RunBlocking, StreamError, WriteError, thread_runner
 from dfly.peer import storage
 from dfly.peer.request import DownloadRequest, DownloadResult
 
@@ -123,11 +123,14 @@ class PeerEngine:
     poll_timeout: float = 5.0
     idle_timeout: float = 30.0
     source: SourceClient = attrs.field(default=None)
+    run_blocking: RunBlocking = attrs.field(default=None)  # where hashing and disk writes run
     active: int = 0
 
     def __attrs_post_init__(self) -> None:
         if self.source is None:
             self.source = SourceClient(self.http, self.reactor)
+        if self.run_blocking is None:
+            self.run_blocking = thread_runner(self.reactor)
 
     def download(self, req: DownloadRequest, emit: Emit = lambda event: None) -> Deferred[DownloadResult]:
         """Run one download to its end; fires with the result (failures too).
@@ -436,7 +439,8 @@ class PeerEngine:
             kind = "not found" if response.code == 404 else "refused"
             raise _PieceFailed(kind, f"{host}:{port} answered {response.code} to range {start}-{end}")
         digests: list[str] = []
-        writer = BodyWriter(run.fd, start, length, length, lambda i, n, d: digests.append(d), self.reactor, self.idle_timeout)
+        writer = BodyWriter(run.fd, start, length, length, lambda i, n, d: digests.append(d), self.reactor,
+                            self.idle_timeout, self.run_blocking)
         response.deliverBody(writer)
         try:
             await writer.done
@@ -468,7 +472,8 @@ class PeerEngine:
             run.done += length
             run.emit({"event": "progress", "done": run.done, "total": run.length})
 
-        writer = BodyWriter(run.fd, 0, DEFAULT_PIECE_SIZE, opened.length, progress, self.reactor, self.idle_timeout)
+        writer = BodyWriter(run.fd, 0, DEFAULT_PIECE_SIZE, opened.length, progress, self.reactor, self.idle_timeout,
+                            self.run_blocking)
         opened.response.deliverBody(writer)
         try:
             total = await writer.done

@@ -39,8 +39,11 @@ def check_output(output: str) -> str:
 
 
 def open_working_file(path: str) -> int:
+    """A new, empty file at ``path``: a new inode, so a late write meant for an
+    earlier attempt can never land in this one."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    remove_quietly(path)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
 
 def file_digest(path: str, algorithm: str) -> str:

@@ -28,6 +28,7 @@ from dfly.httpclient import make_http_client
 from dfly.logs import line_observer, open_log
 from dfly.services import ListeningService, LogObserverService
 from dfly.source import SourceClient
+from dfly.stream import thread_runner
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
 from dfly.supernode.tasks import TaskManager
@@ -127,6 +128,7 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
         clock=reactor,
         fail_access_interval=config.fail_access_interval,
         poll_timeout=config.poll_timeout,
+        run_blocking=thread_runner(reactor),
     )
     api = SupernodeApi(tasks, config.download_port, config.advertise_ip)
     top = MultiService()
