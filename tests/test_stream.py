@@ -312,3 +312,72 @@ class BodyWriterTests(SynchronousTestCase):
         self.assertEqual(self.transport.producerState, "stopped")
         writer.connectionLost(DONE)
         self.failureResultOf(writer.done, WriteError)
+
+
+class DeferredRunner:
+    """Runs blocking work only when the test says so, like a slow worker thread."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[object, object]] = []
+
+    def __call__(self, f):  # type: ignore[no-untyped-def]
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[object] = Deferred()
+        self.pending.append((f, d))
+        return d
+
+    def run_one(self) -> None:
+        f, d = self.pending.pop(0)
+        d.callback(f())  # type: ignore[operator,attr-defined]
+
+
+class WorkerFlowControlTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.addCleanup(os.close, self.fd)
+        self.pieces: list[tuple[int, int, str]] = []
+        self.runner = DeferredRunner()
+        self.transport = StringTransport()
+        self.writer = BodyWriter(self.fd, 0, 1 << 20, 8 << 20, lambda *p: self.pieces.append(p), Clock(), IDLE,
+                                 self.runner)
+        self.writer.makeConnection(self.transport)
+
+    def feed(self, mib: int) -> bytes:
+        data = b""
+        for n in range(mib):
+            chunk = bytes([n]) * (1 << 20)
+            self.writer.dataReceived(chunk)
+            data += chunk
+        return data
+
+    def test_transport_paused_when_too_much_waits_for_the_worker(self) -> None:
+        """More than 4 MiB queued for a slow worker pauses the transport."""
+        self.feed(5)
+        self.assertEqual(self.transport.producerState, "paused")
+
+    def test_transport_resumed_when_the_worker_catches_up(self) -> None:
+        """Once the worker drains the queue the transport produces again."""
+        self.feed(5)
+        while self.runner.pending:
+            self.runner.run_one()
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_piece_reported_only_after_its_bytes_are_written(self) -> None:
+        """No piece is announced while its batch still waits for the worker."""
+        data = self.feed(1)
+        self.assertEqual(self.pieces, [])
+        self.runner.run_one()
+        self.assertEqual(self.pieces, [(0, 1 << 20, sha(data))])
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def test_done_waits_for_queued_writes(self) -> None:
+        """The body ending does not fire done before the worker wrote everything."""
+        self.feed(8)
+        self.writer.connectionLost(DONE)
+        self.assertNoResult(self.writer.done)
+        while self.runner.pending:
+            self.runner.run_one()
+        self.assertEqual(self.successResultOf(self.writer.done), 8 << 20)
