@@ -21,7 +21,6 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.basic import FileSender
-from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import TestCase
 from twisted.web import http, resource, server, static
 from twisted.web.iweb import IRequest
@@ -33,6 +32,7 @@ from dfly.logs import CLIENT_NAMESPACE
 from dfly.peer.engine import DownloadRequest, DownloadResult, PeerEngine
 from dfly.pieces import MiB
 from dfly.supernode.tap import SupernodeParts, build_service
+from tests.loopback import ClosingFactory
 
 # --- the origin ---------------------------------------------------------------
 
@@ -163,30 +163,6 @@ class Origin(resource.Resource):
                 return  # the client went away (FileSender fails when asked to stop)
         if request.channel is not None:
             request.finish()
-
-
-class ClosingFactory(WrappingFactory):
-    """Tracks server connections so cleanup can wait until all are closed."""
-
-    def __init__(self, wrapped: Any) -> None:
-        super().__init__(wrapped)
-        self._all_gone: list[Deferred[None]] = []
-
-    def unregisterProtocol(self, p: Any) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiters, self._all_gone = self._all_gone, []
-            for d in waiters:
-                d.callback(None)
-
-    def close_all(self) -> Deferred[None]:
-        if not self.protocols:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._all_gone.append(d)
-        for p in list(self.protocols):
-            p.transport.loseConnection()
-        return d
 
 
 # --- helpers ------------------------------------------------------------------

@@ -13,10 +13,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import TestCase
 from twisted.web import static
 from twisted.web.server import Site
+
+from tests.loopback import ClosingFactory
 
 BIN = os.path.dirname(sys.executable)
 TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
@@ -55,30 +56,6 @@ class _Watcher(ProcessProtocol):
         if not self.ready.called:
             self.ready.errback(AssertionError(f"process ended before listening:\n{self.output.decode(errors='replace')}"))
         self.ended.callback(code)
-
-
-class ClosingFactory(WrappingFactory):
-    """Tracks server connections so a test can close them all at cleanup."""
-
-    def __init__(self, wrapped: object) -> None:
-        super().__init__(wrapped)
-        self._all_gone: list[Deferred[None]] = []
-
-    def unregisterProtocol(self, p: object) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiters, self._all_gone = self._all_gone, []
-            for d in waiters:
-                d.callback(None)
-
-    def close_all(self) -> Deferred[None]:
-        if not self.protocols:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._all_gone.append(d)
-        for p in list(self.protocols):
-            p.transport.loseConnection()
-        return d
 
 
 class ProcessTestCase(TestCase):
