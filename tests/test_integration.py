@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.basic import FileSender
