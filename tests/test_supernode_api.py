@@ -33,7 +33,7 @@ from dfly.pieces import DEFAULT_PIECE_SIZE, task_id
 from dfly.source import SourceClient
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
-from dfly.supernode.tasks import TaskManager
+from dfly.supernode.tasks import SILENCE, TaskManager
 
 P = DEFAULT_PIECE_SIZE
 ORIGIN = "http://origin.test"
@@ -370,6 +370,10 @@ class BadRegistrationTests(SupernodeApiTestCase):
         """A header line without a colon is refused."""
         self.assertRefused(self.register(headers=["no colon here"]), words="header")
 
+    def test_cdn_cid_is_400(self) -> None:
+        """A peer cannot register under the CDN's cid prefix."""
+        self.assertRefused(self.register(cid=f"cdnnode:{CDN_IP}~x"), words="cid")
+
     def test_refused_registration_does_not_touch_the_origin(self) -> None:
         """Validation happens before any source request."""
         self.register(port=-1)
@@ -603,17 +607,221 @@ class PullTests(SupernodeApiTestCase):
         answer = self.pull(self.tid, range=f"{P}-{2 * P - 1}", result="500")
         self.assertEqual(self.pieces(answer), [1])
 
-    def test_other_peers_get_pieces_of_their_own(self) -> None:
-        """A second cid's pull is independent of the first cid's running pieces."""
+    def test_second_peer_gets_no_piece_the_cdn_is_sending_to_the_first(self) -> None:
+        """While the CDN sends pieces 0-3 to peer-1 (its 4 slots), peer-2's pull is held, then 602."""
         self.pull(self.tid)
-        self.register_ok(f"{ORIGIN}/five", cid="peer-2")
-        self.assertEqual(self.pieces(self.pull(self.tid, "peer-2")), [0, 1, 2, 3])
+        self.register_ok(f"{ORIGIN}/five", cid="peer-2", ip="192.0.2.2", port=15002)
+        d = self.start_pull(self.tid, "peer-2")
+        self.pump()
+        self.assertNoResult(d)
+        self.clock.advance(POLL_TIMEOUT)
+        self.pump()
+        answer = self.successResultOf(d)
+        self.assertEqual((answer.status, answer.code), (200, 602))
+
+    def test_second_peer_gets_a_reported_piece_from_the_first_peer(self) -> None:
+        """Once peer-1 reports piece 0, peer-2's held pull gets it from peer-1, and piece 4 from the CDN."""
+        first = self.pull(self.tid).data
+        self.register_ok(f"{ORIGIN}/five", cid="peer-2", ip="192.0.2.2", port=15002)
+        d = self.start_pull(self.tid, "peer-2")
+        self.pump()
+        self.assertNoResult(d)
+        self.report(self.tid, first[0]["range"])
+        got = {p["pieceNum"]: (p["cid"], p["peerIp"], p["peerPort"], p["path"]) for p in self.successResultOf(d).data}
+        self.assertEqual(got, {
+            0: ("peer-1", "192.0.2.1", 15001, f"/peer/file/{self.tid}"),
+            4: (f"cdnnode:{CDN_IP}~{self.tid}", CDN_IP, CDN_PORT, f"/download/{self.tid[:3]}/{self.tid}"),
+        })
 
     def test_empty_file_pull_is_600_at_once(self) -> None:
         """An empty source file is finished right away with fileLength 0."""
         tid = self.register_ok(self.serve(b"/empty", 0))
         answer = self.pull(tid)
         self.assertEqual((answer.code, answer.data["fileLength"]), (600, 0))
+
+
+class PeerSourceTests(SupernodeApiTestCase):
+    """Verified pieces make a peer a source; failures and departures take it off."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.url = self.serve(b"/two", TWO)
+        self.tid = self.register_ok(self.url)
+        self.offered = self.pull(self.tid).data  # pieces 0 and 1, from the CDN
+
+    def join(self, cid: str, n: int) -> None:
+        self.register_ok(self.url, cid=cid, ip=f"192.0.2.{n}", port=15000 + n)
+
+    def sources(self, answer: Answer) -> dict[int, str]:
+        self.assertEqual((answer.status, answer.code), (200, 601), answer)
+        return {p["pieceNum"]: p["cid"] for p in answer.data}
+
+    def test_piece_suc_makes_the_peer_a_source_for_others(self) -> None:
+        """After peer-1 reports piece 0, peer-2 is sent to peer-1's uploader for it (piece 1 is in flight)."""
+        self.report(self.tid, self.offered[0]["range"])
+        self.join("peer-2", 2)
+        answer = self.pull(self.tid, "peer-2")
+        self.assertEqual((answer.status, answer.code, answer.data), (200, 601, [{
+            "pieceNum": 0,
+            "range": f"0-{P - 1}",
+            "pieceSize": P,
+            "pieceDigest": sha256(payload(TWO)[:P]),
+            "cid": "peer-1",
+            "peerIp": "192.0.2.1",
+            "peerPort": 15001,
+            "path": f"/peer/file/{self.tid}",
+        }]))
+
+    def test_peer_that_serves_nothing_is_not_a_source(self) -> None:
+        """A peer registered with port 0 reports pieces but nobody is sent to it."""
+        self.register_ok(self.url, cid="peer-0", ip="192.0.2.9", port=0)
+        self.call("GET", "/peer/service/down", params={"taskId": self.tid, "cid": "peer-1"})
+        for piece in self.pull(self.tid, "peer-0").data:
+            self.report(self.tid, piece["range"], cid="peer-0")
+        self.join("peer-2", 2)
+        self.assertEqual(set(self.sources(self.pull(self.tid, "peer-2")).values()), {f"cdnnode:{CDN_IP}~{self.tid}"})
+
+    def test_digest_mismatch_blacklists_the_source_for_the_reporter(self) -> None:
+        """After peer-2 reports a digest mismatch from peer-1, it gets that piece from the CDN."""
+        for piece in self.offered:
+            self.report(self.tid, piece["range"])
+        self.join("peer-2", 2)
+        self.assertEqual(self.sources(self.pull(self.tid, "peer-2")), {0: "peer-1", 1: "peer-1"})
+        self.report(self.tid, self.offered[0]["range"], cid="peer-2", ok=False)
+        self.assertEqual(self.sources(self.pull(self.tid, "peer-2")), {0: f"cdnnode:{CDN_IP}~{self.tid}"})
+
+    def test_digest_mismatch_does_not_blacklist_the_source_for_others(self) -> None:
+        """One peer's digest mismatch from peer-1 does not keep a third peer away from peer-1."""
+        for piece in self.offered:
+            self.report(self.tid, piece["range"])
+        self.join("peer-2", 2)
+        self.pull(self.tid, "peer-2")
+        self.report(self.tid, self.offered[0]["range"], cid="peer-2", ok=False)
+        self.join("peer-3", 3)
+        self.assertEqual(self.sources(self.pull(self.tid, "peer-3")), {0: "peer-1", 1: "peer-1"})
+
+    def test_unreachable_source_is_offered_to_nobody(self) -> None:
+        """One "unreachable" report about peer-1 takes it off for every peer."""
+        for piece in self.offered:
+            self.report(self.tid, piece["range"])
+        self.join("peer-2", 2)
+        self.pull(self.tid, "peer-2")
+        self.call("GET", "/peer/piece/error", params={
+            "taskId": self.tid, "cid": "peer-2", "range": self.offered[0]["range"], "kind": "unreachable",
+        })
+        self.join("peer-3", 3)
+        self.assertEqual(set(self.sources(self.pull(self.tid, "peer-3")).values()), {f"cdnnode:{CDN_IP}~{self.tid}"})
+
+    def test_write_error_blames_nobody(self) -> None:
+        """A reporter's own "write" failure leaves peer-1 its source for the retry."""
+        for piece in self.offered:
+            self.report(self.tid, piece["range"])
+        self.join("peer-2", 2)
+        self.pull(self.tid, "peer-2")
+        self.call("GET", "/peer/piece/error", params={
+            "taskId": self.tid, "cid": "peer-2", "range": self.offered[0]["range"], "kind": "write",
+        })
+        self.assertEqual(self.sources(self.pull(self.tid, "peer-2")), {0: "peer-1"})
+
+    def test_service_down_peer_is_no_longer_offered(self) -> None:
+        """After peer-1's service/down, pieces it held come from the CDN."""
+        for piece in self.offered:
+            self.report(self.tid, piece["range"])
+        self.call("GET", "/peer/service/down", params={"taskId": self.tid, "cid": "peer-1"})
+        self.join("peer-2", 2)
+        self.assertEqual(
+            self.sources(self.pull(self.tid, "peer-2")),
+            {0: f"cdnnode:{CDN_IP}~{self.tid}", 1: f"cdnnode:{CDN_IP}~{self.tid}"},
+        )
+
+    def test_service_down_frees_the_cdn_for_a_held_pull(self) -> None:
+        """A peer leaving with CDN pieces in flight wakes a waiting pull, which gets them."""
+        self.join("peer-2", 2)
+        d = self.start_pull(self.tid, "peer-2")
+        self.pump()
+        self.assertNoResult(d)
+        self.call("GET", "/peer/service/down", params={"taskId": self.tid, "cid": "peer-1"})
+        self.assertEqual(
+            self.sources(self.successResultOf(d)),
+            {0: f"cdnnode:{CDN_IP}~{self.tid}", 1: f"cdnnode:{CDN_IP}~{self.tid}"},
+        )
+
+
+class SweepTests(SupernodeApiTestCase):
+    """TaskManager.sweep drops downloading peers silent for more than SILENCE seconds."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.url = self.serve(b"/five", FIVE)
+        self.tid = self.register_ok(self.url)
+        self.pull(self.tid)  # peer-1 runs pieces 0-3: the CDN's 4 slots
+
+    def waiting_pull(self) -> Deferred[Answer]:
+        """peer-2 registers now and pulls: held, since the CDN is busy with peer-1."""
+        self.register_ok(self.url, cid="peer-2", ip="192.0.2.2", port=15002)
+        d = self.start_pull(self.tid, "peer-2")
+        self.pump()
+        self.assertNoResult(d)
+        return d
+
+    def test_silent_peer_is_dropped_and_its_slots_go_to_a_waiting_pull(self) -> None:
+        """Just over SILENCE after peer-1's last word, sweep drops it and peer-2's held pull gets 0-3 from the CDN."""
+        self.clock.advance(SILENCE + 0.1)
+        d = self.waiting_pull()
+        self.tasks.sweep()
+        self.pump()
+        answer = self.successResultOf(d)
+        self.assertEqual(
+            [(p["pieceNum"], p["cid"]) for p in answer.data], [(n, f"cdnnode:{CDN_IP}~{self.tid}") for n in range(4)]
+        )
+
+    def test_swept_peer_pull_is_404(self) -> None:
+        """A dropped peer that comes back is told it is no longer registered."""
+        self.clock.advance(SILENCE + 0.1)
+        self.tasks.sweep()
+        answer = self.pull(self.tid)
+        self.assertEqual((answer.status, answer.code), (404, 502))
+
+    def test_peer_silent_for_exactly_silence_is_kept(self) -> None:
+        """Silence must exceed SILENCE: at exactly SILENCE the peer stays and its CDN slots stay taken."""
+        self.clock.advance(SILENCE)
+        d = self.waiting_pull()
+        self.tasks.sweep()
+        self.pump()
+        self.assertNoResult(d)
+        self.assertIn("peer-1", self.tasks.task(self.tid).peers)
+
+    def test_report_counts_as_a_word(self) -> None:
+        """A piece/suc keeps a peer whose last pull ended more than SILENCE ago."""
+        self.clock.advance(SILENCE - 1)
+        self.report(self.tid, f"0-{P - 1}")
+        self.clock.advance(SILENCE - 1)
+        self.tasks.sweep()
+        self.assertIn("peer-1", self.tasks.task(self.tid).peers)
+
+    def test_peer_with_a_held_pull_is_not_swept(self) -> None:
+        """A pull in flight is a sign of life, however long ago the peer last finished one."""
+        self.assertGreater(POLL_TIMEOUT, 2)
+        self.clock.advance(SILENCE - 1)
+        held = self.start_pull(self.tid)  # peer-1 runs 4 pieces: this pull waits
+        self.pump()
+        self.clock.advance(2)
+        self.tasks.sweep()
+        self.assertNoResult(held)
+        self.clock.advance(POLL_TIMEOUT)
+        self.pump()
+        self.assertEqual(self.successResultOf(held).code, 602)
+
+    def test_finished_peer_is_not_swept(self) -> None:
+        """A peer that got 600 stays a source however long it stays quiet."""
+        url = self.serve(b"/small", SMALL)
+        tid = self.register_ok(url, cid="seed")
+        self.report(tid, self.pull(tid, "seed").data[0]["range"], cid="seed")
+        self.assertEqual(self.pull(tid, "seed").code, 600)
+        self.clock.advance(max(3600, 10 * SILENCE))
+        self.tasks.sweep()
+        self.register_ok(url, cid="peer-2", ip="192.0.2.2", port=15002)
+        self.assertEqual([p["cid"] for p in self.pull(tid, "peer-2").data], ["seed"])
 
 
 class LongPollTests(SupernodeApiTestCase):

@@ -20,9 +20,8 @@ import attrs
 import hyperlink
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
@@ -36,6 +35,7 @@ from dfly.source import SourceClient, SourceError, abort_body
 from dfly.stream import BodyWriter, RunBlocking, StreamError, WriteError, thread_runner
 from dfly.peer import storage
 from dfly.peer.request import DownloadRequest, DownloadResult
+from dfly.peer.uploader import HeldFile, UploadStore
 
 log = Logger(namespace=CLIENT_NAMESPACE)
 
@@ -87,6 +87,7 @@ class _Run:
     fatal: str = ""
     pull: Deferred[Any] | None = None
     timed_out: bool = False
+    cancelled: bool = False
     timeout: float = DEFAULT_TIMEOUT
     from_peers: int = 0
     from_supernode: int = 0
@@ -94,6 +95,7 @@ class _Run:
     started: float = 0.0
     watchdog: Any = None  # IDelayedCall that cancels the fetch at the deadline
     registered: tuple[tuple[str, int], str, str] | None = None  # node, task id, cid
+    held: HeldFile | None = None  # what the uploader serves of this download
 
     def open(self) -> int:
         if self.fd is not None:
@@ -124,7 +126,9 @@ class PeerEngine:
     idle_timeout: float = 30.0
     source: SourceClient = attrs.field(default=None)
     run_blocking: RunBlocking = attrs.field(default=None)  # where hashing and disk writes run
+    uploads: UploadStore | None = None  # None: this engine serves no pieces (no uploader)
     active: int = 0
+    last_active: float = 0.0  # when the last download ended (for the daemon's idle exit)
 
     def __attrs_post_init__(self) -> None:
         if self.source is None:
@@ -147,44 +151,92 @@ class PeerEngine:
         self.active += 1
         fetch = Deferred.fromCoroutine(self._fetch(run))
 
-        def expire() -> None:
-            run.timed_out = True
+        # Cancelling (client gone, or the watchdog) marks the run first, so
+        # that no stage mistakes the errors it sees for a reason to go on
+        # (next node, back to source); we then wait for the fetch to unwind
+        # before cleaning up under it.
+        def cancel(_: object = None) -> None:
+            run.cancelled = True
             fetch.cancel()
 
+        def expire() -> None:
+            run.timed_out = True
+            cancel()
+
+        waiting: Deferred[int] = Deferred(cancel)
+        fetch.addBoth(lambda result: None if waiting.called else waiting.callback(result))
         run.watchdog = self.reactor.callLater(run.timeout, expire)
         try:
             try:
-                reason = await fetch
-            except CancelledError:
+                reason = await waiting
+            except (CancelledError, ConnectingCancelledError):
+                if not fetch.called:
+                    try:
+                        await fetch
+                    except Exception:
+                        pass  # it unwound; the cancel is what we report
                 if run.timed_out:
                     raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, f"download timeout ({run.timeout:g}s)") from None
                 raise
             await self._finish(run)
+            kept = self._keep_serving(run)
             result = DownloadResult(
                 True, self.reactor.seconds() - started, run.length, reason,
                 from_peers=run.from_peers, from_supernode=run.from_supernode, from_source=run.from_source,
             )
         except DownloadFailed as e:
+            kept = False
             result = DownloadResult(
                 False, self.reactor.seconds() - started, run.length, e.reason, e.code, e.error,
                 run.from_peers, run.from_supernode, run.from_source,
             )
+        except BaseException:
+            kept = False
+            raise
         finally:
             if run.watchdog.active():
                 run.watchdog.cancel()
             run.close()
-            # The output holds its own link to the bytes; serving them to other
-            # peers from data/ comes with the uploader.
-            storage.remove_quietly(run.path)
             self.active -= 1
+            self.last_active = self.reactor.seconds()
+            if not kept:
+                self._drop_held(run)
+                storage.remove_quietly(run.path)
         log.info("{line}", line=result.line(), sign=req.sign)
-        if run.registered is not None:
-            await self._leave(run.registered)
+        if not kept and run.registered is not None:
+            await self.leave(*run.registered)
         return result
 
-    async def _leave(self, registered: tuple[tuple[str, int], str, str]) -> None:
+    def _keep_serving(self, run: _Run) -> bool:
+        """After a P2P download, the file stays in data/ for other peers.
+
+        The daemon removes it once nobody asked for it for --expiretime
+        (`expire`).  Back-to-source downloads hold nothing the supernode
+        knows about, so they keep nothing.
+        """
+        if run.held is None or run.registered is None:
+            return False
+        run.held.length = run.length
+        run.held.finished = True
+        run.held.last_access = self.reactor.seconds()
+        run.held.node, run.held.cid = run.registered[0], run.registered[2]
+        return True
+
+    def _drop_held(self, run: _Run) -> None:
+        if run.held is not None and self.uploads is not None:
+            self.uploads.remove(run.held)
+        run.held = None
+
+    def expire(self, held: HeldFile) -> Deferred[None]:
+        """Stop serving a kept file: delete it and tell its supernode."""
+        if self.uploads is not None:
+            self.uploads.remove(held)
+        storage.remove_quietly(held.path)
+        log.info("stopped serving taskID:{task_id}: {path} removed", task_id=held.task_id, path=held.path)
+        return Deferred.fromCoroutine(self.leave(held.node, held.task_id, held.cid))
+
+    async def leave(self, node: tuple[str, int], task_id: str, cid: str) -> None:
         """Tell the supernode this cid is gone (best effort: it only frees state)."""
-        node, task_id, cid = registered
         try:
             await self._api(node, "GET", "/peer/service/down", {"taskId": task_id, "cid": cid})
         except Exception as e:
@@ -219,6 +271,7 @@ class PeerEngine:
                     return codes.REASON_NONE
                 except _P2PFailed as e:
                     reason, error = e.reason, e.error
+        _stop_if_cancelled(run)
         if not req.back_source:
             raise DownloadFailed(
                 codes.ERR_REGISTER if reason in (codes.REASON_REGISTER_FAILED, codes.REASON_NO_NODE) else codes.ERR_DOWNLOAD,
@@ -227,6 +280,11 @@ class PeerEngine:
             )
         log.info("download from source, reason:{reason} ({error})", reason=reason, error=error, sign=req.sign)
         run.emit({"event": "source", "reason": reason, "error": error})
+        # The working file is about to be recreated: stop offering its pieces.
+        self._drop_held(run)
+        if run.registered is not None:
+            registered, run.registered = run.registered, None
+            await self.leave(*registered)
         await self._back_source(run, reason)
         return reason
 
@@ -286,14 +344,10 @@ class PeerEngine:
                 }
                 status, answer = await self._api(node, "POST", "/peer/registry", body=body, timeout=self.register_timeout)
             except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _P2PFailed) as e:
+                _stop_if_cancelled(run)
                 error = e.error if isinstance(e, _P2PFailed) else (str(e) or type(e).__name__)
                 log.warn("do register to {node} failed: {error}", node=where, error=error, sign=req.sign)
                 errors.append(f"{where}: {error}")
-                continue
-            except CancelledError:
-                if run.timed_out:
-                    raise
-                errors.append(f"{where}: no answer")
                 continue
             log.info("do register to {node}, res:{res}", node=where, res=json.dumps(answer), sign=req.sign)
             code, msg = answer["code"], answer.get("msg", "")
@@ -314,6 +368,9 @@ class PeerEngine:
         task_id = reg["taskId"]
         run.registered = (node, task_id, cid)
         run.open()
+        if self.uploads is not None:
+            run.held = HeldFile(task_id, run.path, int(reg["pieceSize"]))
+            self.uploads.add(run.held)
         self._known_length(run, int(reg.get("fileLength", -1)))
         params = {"taskId": task_id, "srcCid": cid}
         try:
@@ -326,6 +383,7 @@ class PeerEngine:
                 try:
                     status, answer = await run.pull
                 except Exception as e:
+                    _stop_if_cancelled(run)
                     if run.fatal:
                         continue  # a piece gave up on P2P and cancelled this pull
                     if isinstance(e, (ConnectError, DNSLookupError, TimeoutError, ResponseFailed)):
@@ -364,7 +422,8 @@ class PeerEngine:
         run.running[num] = d
 
         def ended(result: object) -> None:
-            run.running.pop(num, None)
+            if run.running.get(num) is d:  # a retry of the piece may be running already
+                del run.running[num]
 
         d.addBoth(ended)
 
@@ -386,6 +445,10 @@ class PeerEngine:
         except CancelledError:
             raise
         except _PieceFailed as e:
+            _stop_if_cancelled(run)  # our own cancel is nobody's fault
+            # Free the number before reporting: the report wakes the held pull,
+            # whose answer may offer this piece again before the report returns.
+            run.running.pop(num, None)
             run.failures += 1
             log.warn("piece {num} from {dst} failed: {error}", num=num, dst=dst, error=e.error, sign=run.req.sign)
             params = {"taskId": task_id, "cid": cid, "dstCid": dst, "range": byte_range, "kind": e.kind}
@@ -395,6 +458,9 @@ class PeerEngine:
             await self._report(run, node, "/peer/piece/error", params)
             return
         run.have.add(num)
+        if run.held is not None:
+            # Servable from now on: verified and on disk.
+            run.held.pieces[num] = parse_range(byte_range)
         run.done += length
         if dst.startswith("cdnnode:"):
             run.from_supernode += length
@@ -432,8 +498,12 @@ class PeerEngine:
         try:
             response = await self.http.get(url.to_text(), headers=headers, unbuffered=True,
                                            timeout=self.api_timeout, reactor=self.reactor)
-        except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed) as e:
-            raise _PieceFailed("refused", f"cannot reach {host}:{port}: {e}") from None
+        except (ConnectError, DNSLookupError) as e:
+            raise _PieceFailed("unreachable", f"cannot reach {host}:{port}: {e}") from None
+        except (TimeoutError, ResponseFailed) as e:
+            # treq's timeout surfaces as ResponseNeverReceived; a bare
+            # CancelledError is our own download ending, and propagates.
+            raise _PieceFailed("timeout", f"no answer from {host}:{port}: {e}") from None
         if response.code != 206:
             abort_body(response)
             kind = "not found" if response.code == 404 else "refused"
@@ -461,6 +531,7 @@ class PeerEngine:
         try:
             opened = await self.source.open(req.url, req.headers)
         except SourceError as e:
+            _stop_if_cancelled(run)
             raise DownloadFailed(codes.ERR_DOWNLOAD, reason, e.reason) from None
         if opened.status != 200:
             abort_body(opened.response)
@@ -480,6 +551,7 @@ class PeerEngine:
         except WriteError as e:
             raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_WRITE_ERROR, str(e)) from None
         except StreamError as e:
+            _stop_if_cancelled(run)
             raise DownloadFailed(codes.ERR_DOWNLOAD, reason, f"from source: {e}") from None
         run.from_source = total
         self._known_length(run, total)
@@ -508,4 +580,10 @@ class PeerEngine:
             raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_WRITE_ERROR, f"cannot write {req.output}: {e.strerror or e}") from None
 
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+        return self.run_blocking(lambda: f(*args))
+
+
+def _stop_if_cancelled(run: _Run) -> None:
+    """Errors seen while the run is being cancelled are the cancel itself."""
+    if run.cancelled:
+        raise CancelledError()

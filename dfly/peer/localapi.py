@@ -1,4 +1,4 @@
-"""The peer daemon's local API, used by the ``dfget`` CLI on the same host.
+"""The peer daemon's HTTP server: the uploader for other peers, the local API for ``dfget``.
 
 ``POST /local/download`` answers with a stream of JSON lines (events, then
 the result) so the CLI can show progress; closing the connection cancels the
@@ -25,15 +25,17 @@ from dfly.jsonapi import ApiError, bad_request, envelope, json_app, read_json
 from dfly.peer.engine import PeerEngine
 from dfly.peer.hostmeta import TOKEN_HEADER
 from dfly.peer.request import request_from_json
+from dfly.peer.uploader import UploadStore
 
 log = Logger(namespace="dfly.peer")
 
 class LocalApi:
     app = json_app()
 
-    def __init__(self, engine: PeerEngine, token: str) -> None:
+    def __init__(self, engine: PeerEngine, token: str, uploads: UploadStore) -> None:
         self.engine = engine
         self.token = token
+        self.uploads = uploads
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -41,6 +43,11 @@ class LocalApi:
     @app.route("/_ping", methods=["GET"])
     def ping(self, request: IRequest) -> bytes:
         return envelope(request, codes.SUCCESS, "OK", {"version": dfly.__version__, "pid": os.getpid()})
+
+    @app.route("/peer/file/<task_id>", methods=["GET"])
+    def piece(self, request: IRequest, task_id: str) -> Any:
+        """Other peers fetch verified pieces here (no token: this is the uploader)."""
+        return self.uploads.serve(request, task_id)
 
     @app.route("/local/download", methods=["POST"])
     async def download(self, request: IRequest) -> bytes:

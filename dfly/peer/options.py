@@ -19,23 +19,26 @@ from dfly.config import check_ip, default_home, parse_duration
 class PeerConfig:
     home: str
     port: int = 0
-    listen: str = "127.0.0.1"
+    listen: str = "0.0.0.0"
     ip: str | None = None
     alivetime: float = 300.0
+    expiretime: float = 180.0
 
 
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "Run the dfly peer daemon in the foreground.  dfget starts one on demand; run it yourself "
-        "to choose its port.  It exits after --alivetime without downloads."
+        "Run the dfly peer daemon in the foreground: it downloads for local dfget runs and serves "
+        "the pieces it holds to other peers.  dfget starts one on demand; run it yourself to choose "
+        "its port.  It exits after --alivetime without downloads or uploads."
     )
     optParameters = [
         ["home", None, None, "dfly home directory [default: ~/.small-dragonfly]."],
         ["port", None, "0", "Port of the peer server; 0 picks a free one."],
-        ["listen", None, "127.0.0.1", "Address the peer server listens on."],
+        ["listen", None, "0.0.0.0", "Address the peer server (uploader and local API) listens on."],
         ["ip", None, None, "IP to advertise to the supernode [default: the address that reaches it]."],
-        ["alivetime", None, "5m", "Exit after this long without work (e.g. 90s, 5m; 0 = never)."],
+        ["alivetime", None, "5m", "Exit after this long without downloads or uploads (e.g. 90s, 5m; 0 = never)."],
+        ["expiretime", None, "3m", "Keep serving a downloaded file until nobody asked for it for this long."],
     ]
 
     def opt_version(self) -> None:
@@ -53,6 +56,7 @@ class Options(usage.Options):
                 listen=check_ip(self["listen"]),
                 ip=check_ip(self["ip"]) if self["ip"] else None,
                 alivetime=parse_duration(self["alivetime"]),
+                expiretime=parse_duration(self["expiretime"]),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

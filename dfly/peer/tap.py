@@ -11,10 +11,12 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shutil
 from typing import Any, Callable
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -28,10 +30,20 @@ from dfly.logs import is_client_event, line_observer, make_sign, open_log
 from dfly.peer.engine import PeerEngine
 from dfly.peer.hostmeta import remove_host_meta, write_host_meta
 from dfly.peer.localapi import LocalApi
+from dfly.peer.storage import remove_quietly
+from dfly.peer.uploader import UploadStore
 from dfly.peer.options import Options, PeerConfig
 from dfly.services import ListeningService, LogObserverService
 
 log = Logger(namespace="dfly.peer")
+
+
+#: How often data/ is collected.
+GC_INTERVAL = 15.0
+#: Files in data/ that belong to no download and are older than this go.
+RESIDUE_AGE = 3600.0
+#: How long stopping waits for the service-down reports.
+LEAVE_TIMEOUT = 3.0
 
 
 class DaemonLockHeld(Exception):
@@ -39,20 +51,25 @@ class DaemonLockHeld(Exception):
 
 
 class PeerDaemon(Service):
-    """Holds the home lock, publishes host.meta, and stops the daemon when idle."""
+    """Holds the home lock, publishes host.meta, collects data/, and stops the daemon when idle."""
 
-    def __init__(self, home: Home, engine: PeerEngine, listener: ListeningService, token: str,
-                 alivetime: float, clock: Any, on_idle: Callable[[], None], pool: HTTPConnectionPool) -> None:
+    def __init__(self, home: Home, engine: PeerEngine, uploads: UploadStore, listener: ListeningService,
+                 token: str, config: PeerConfig, clock: Any, on_idle: Callable[[], None],
+                 pool: HTTPConnectionPool) -> None:
         self.home = home
         self.engine = engine
+        self.uploads = uploads
         self.listener = listener
         self.token = token
-        self.alivetime = alivetime
+        self.alivetime = config.alivetime
+        self.expiretime = config.expiretime
         self.clock = clock
         self.on_idle = on_idle
         self.pool = pool
         self._lock_fd: int | None = None
         self._idle_check: LoopingCall | None = None
+        self._collect = LoopingCall(self.collect)
+        self._collect.clock = clock
         self._last_busy = 0.0
 
     def startService(self) -> None:
@@ -69,6 +86,7 @@ class PeerDaemon(Service):
         super().startService()
         self.listener.listening.addCallback(self._publish)
         self._last_busy = self.clock.seconds()
+        self._collect.start(GC_INTERVAL, now=True)
         if self.alivetime > 0:
             self._idle_check = LoopingCall(self._check_idle)
             self._idle_check.clock = self.clock
@@ -80,25 +98,54 @@ class PeerDaemon(Service):
         log.info("peer daemon {pid} serving on port {port}, home {home}", pid=os.getpid(), port=self.engine.port, home=self.home.root)
         return port
 
+    def collect(self) -> None:
+        """Stop serving files nobody asked for in --expiretime; remove residue older than an hour."""
+        now = self.clock.seconds()
+        for held in self.uploads.held():
+            if held.finished and not held.uploads and now - held.last_access >= self.expiretime:
+                self.engine.expire(held)
+        served = self.uploads.paths()
+        try:
+            names = os.listdir(self.home.data)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.home.data, name)
+            try:
+                stale = path not in served and now - os.lstat(path).st_mtime > RESIDUE_AGE
+            except OSError:
+                continue
+            if stale:
+                log.info("removing residual file {path}", path=path)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    remove_quietly(path)
+
     def _check_idle(self) -> None:
         now = self.clock.seconds()
-        if self.engine.active:
+        if self.engine.active or self.uploads.active:
             self._last_busy = now
-        elif now - self._last_busy >= self.alivetime:
-            log.info("no work for {alive:g}s: peer daemon exits", alive=self.alivetime)
+        elif now - max(self._last_busy, self.uploads.last_upload, self.engine.last_active) >= self.alivetime:
+            log.info("no downloads or uploads for {alive:g}s: peer daemon exits", alive=self.alivetime)
             self._idle_check.stop()  # type: ignore[union-attr]
             self._idle_check = None
             self.on_idle()
 
     def stopService(self) -> Any:
         super().stopService()
-        if self._idle_check is not None and self._idle_check.running:
-            self._idle_check.stop()
+        for loop in (self._idle_check, self._collect):
+            if loop is not None and loop.running:
+                loop.stop()
         if self._lock_fd is not None:
             remove_host_meta(self.home)
             os.close(self._lock_fd)
             self._lock_fd = None
-        return self.pool.closeCachedConnections()
+        # Served files go with the daemon; tell their supernodes (briefly).
+        leaving = [self.engine.expire(held) for held in self.uploads.held() if held.finished]
+        done = gatherResults(leaving, consumeErrors=True).addTimeout(LEAVE_TIMEOUT, self.clock)
+        done.addErrback(lambda _: None)
+        return done.addBoth(lambda _: self.pool.closeCachedConnections())
 
 
 @attrs.frozen
@@ -107,28 +154,30 @@ class PeerParts:
     engine: PeerEngine
     listener: ListeningService
     daemon: PeerDaemon
+    uploads: UploadStore
 
 
 def build_service(config: PeerConfig, reactor: Any, on_idle: Callable[[], None] | None = None) -> PeerParts:
     home = Home(config.home)
     home.ensure()
     http, pool = make_http_client(reactor)
-    engine = PeerEngine(reactor, http, home, ip=config.ip)
+    uploads = UploadStore(reactor)
+    engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads)
     token = secrets.token_hex(16)
     endpoint = (TCP6ServerEndpoint if ":" in config.listen else TCP4ServerEndpoint)(
         reactor, config.port, interface=config.listen
     )
-    listener = ListeningService(endpoint, Site(LocalApi(engine, token).resource()), "peer server")
+    listener = ListeningService(endpoint, Site(LocalApi(engine, token, uploads).resource()), "peer server")
     top = MultiService()
     sign = make_sign(os.getpid(), reactor.seconds())
     server_log = open_log(home.log_file("dfserver.log"))
     client_log = open_log(home.log_file("dfclient.log"))
     LogObserverService(line_observer(server_log, sign, lambda e: not is_client_event(e)), server_log.close).setServiceParent(top)
     LogObserverService(line_observer(client_log, sign, is_client_event), client_log.close).setServiceParent(top)
-    daemon = PeerDaemon(home, engine, listener, token, config.alivetime, reactor, on_idle or reactor.stop, pool)
+    daemon = PeerDaemon(home, engine, uploads, listener, token, config, reactor, on_idle or reactor.stop, pool)
     daemon.setServiceParent(top)
     listener.setServiceParent(top)
-    return PeerParts(top, engine, listener, daemon)
+    return PeerParts(top, engine, listener, daemon, uploads)
 
 
 def makeService(options: Options) -> IService:

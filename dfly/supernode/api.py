@@ -55,7 +55,7 @@ def parse_registration(body: dict[str, Any]) -> Registration:
     ):
         raise bad_request("filter must be 'k1&k2' or a list of query keys")
     cid = body.get("cid")
-    if not isinstance(cid, str) or not cid or len(cid) > 256:
+    if not isinstance(cid, str) or not cid or len(cid) > 256 or cid.startswith("cdnnode:"):
         raise bad_request("missing or invalid cid")
     ip = body.get("ip")
     try:
@@ -147,7 +147,7 @@ class SupernodeApi:
             "piece {piece} of taskID:{task_id} failed for {cid} from {dst}: {kind}",
             piece=piece, task_id=tid, cid=cid, dst=query_arg(request, "dstCid", required=False), kind=kind,
         )
-        self.tasks.piece_result(tid, cid, piece, False)
+        self.tasks.piece_result(tid, cid, piece, False, kind)
         return envelope(request, codes.PIECE_REPORTED, "recorded")
 
     @app.route("/peer/service/down", methods=["GET"])

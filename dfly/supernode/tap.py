@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
@@ -32,6 +33,10 @@ from dfly.stream import thread_runner
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
 from dfly.supernode.tasks import TaskManager
+
+
+#: How often silent peers are looked for.
+SWEEP_INTERVAL = 2.0
 
 
 class Options(usage.Options):
@@ -92,14 +97,22 @@ def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
 
 
 class _Supernode(Service):
-    """Owns the task state and the HTTP pool; stops both cleanly."""
+    """Owns the task state and the HTTP pool; sweeps silent peers; stops both cleanly."""
 
-    def __init__(self, tasks: TaskManager, pool: HTTPConnectionPool) -> None:
+    def __init__(self, tasks: TaskManager, pool: HTTPConnectionPool, clock: Any) -> None:
         self.tasks = tasks
         self.pool = pool
+        self._sweep = LoopingCall(tasks.sweep)
+        self._sweep.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        self._sweep.start(SWEEP_INTERVAL, now=False)
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._sweep.running:
+            self._sweep.stop()
         self.tasks.stop()
         return self.pool.closeCachedConnections()
 
@@ -134,7 +147,7 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     top = MultiService()
     log_file = open_log(os.path.join(config.home, "logs", "supernode.log"))
     LogObserverService(line_observer(log_file, str(os.getpid())), log_file.close).setServiceParent(top)
-    _Supernode(tasks, pool).setServiceParent(top)
+    _Supernode(tasks, pool, reactor).setServiceParent(top)
     api_listener = ListeningService(
         _endpoint(reactor, config.port, config.listen), Site(api.resource()), "register API"
     )

@@ -28,6 +28,13 @@ from dfly.supernode.cdn import CacheMeta, CdnCache
 
 log = Logger(namespace="dfly.supernode")
 
+#: The scheduler's name for the CDN; peers see ``cdnnode:<ip>~<taskId>``.
+CDN = "cdnnode:"
+#: A downloading peer that neither pulls nor reports for this long is gone.
+#: A live one always has a pull held open or is about to send the next, so
+#: this only needs to cover a busy host's pause between two pulls.
+SILENCE = 6.0
+
 
 @attrs.frozen
 class Registration:
@@ -58,7 +65,7 @@ class Task:
     etag: str | None = None
     last_modified: str | None = None
     digests: list[str] = attrs.Factory(list)
-    peers: dict[str, scheduler.PeerProgress] = attrs.Factory(dict)
+    schedule: scheduler.TaskSchedule = attrs.Factory(lambda: scheduler.TaskSchedule(CDN))
     authorized: set[frozenset[tuple[str, str]]] = attrs.Factory(set)
     fetch: Deferred[int] | None = None
     _waiters: list[Deferred[None]] = attrs.Factory(list)
@@ -66,6 +73,14 @@ class Task:
     @property
     def ready(self) -> int:
         return len(self.digests)
+
+    @property
+    def peers(self) -> dict[str, scheduler.Peer]:
+        return self.schedule.peers
+
+    def add_digest(self, digest: str) -> None:
+        self.digests.append(digest)
+        self.schedule.piece_ready(len(self.digests) - 1)
 
     @property
     def total_pieces(self) -> int | None:
@@ -96,6 +111,11 @@ class Task:
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(None)
+
+
+def peer_path(task_id: str) -> str:
+    """Where a peer serves a task's pieces (its uploader finds files by task, never by path)."""
+    return f"/peer/file/{task_id}"
 
 
 def access_key(url: str, headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
@@ -150,7 +170,7 @@ class TaskManager:
                 self._opening.pop(reg.task_id, None)
         else:
             await self._check_access(task, reg)
-        task.peers.setdefault(reg.cid, scheduler.PeerProgress(reg.cid, reg.ip, reg.port, reg.host_name))
+        task.schedule.add_peer(reg.cid, reg.ip, reg.port).seen = self.clock.seconds()
         log.info(
             "success to register peer cid:{cid} ip:{ip} port:{port} for taskID:{task_id}",
             cid=reg.cid, ip=reg.ip, port=reg.port, task_id=reg.task_id,
@@ -175,8 +195,10 @@ class TaskManager:
             task = Task(
                 task_id=reg.task_id, url=reg.task_url, md5=reg.md5, identifier=reg.identifier,
                 piece_size=stored.piece_size, length=stored.length, state="done",
-                etag=stored.etag, last_modified=stored.last_modified, digests=list(stored.piece_digests),
+                etag=stored.etag, last_modified=stored.last_modified,
             )
+            for digest in stored.piece_digests:
+                task.add_digest(digest)
             log.info("taskID:{task_id} cache is valid (source answered 304), {n} pieces", task_id=reg.task_id, n=task.ready)
         elif opened.status == 200:
             task = Task(
@@ -232,7 +254,7 @@ class TaskManager:
                 # Only the last piece is short: now the length is known, and
                 # pulls woken below must offer this piece's real range.
                 task.length = index * task.piece_size + length
-            task.digests.append(digest)
+            task.add_digest(digest)
             task.changed()
 
         writer = BodyWriter(fd, 0, task.piece_size, task.length, piece_ready, self.clock, self.idle_timeout,
@@ -269,7 +291,7 @@ class TaskManager:
             raise ApiError(404, codes.TARGET_NOT_FOUND, f"unknown task {task_id!r}: register first")
         return task
 
-    def progress(self, task_id: str, cid: str) -> tuple[Task, scheduler.PeerProgress]:
+    def progress(self, task_id: str, cid: str) -> tuple[Task, scheduler.Peer]:
         task = self.task(task_id)
         peer = task.peers.get(cid)
         if peer is None:
@@ -283,57 +305,84 @@ class TaskManager:
     async def _pull(self, task_id: str, cid: str, cdn_ip: str, cdn_port: int) -> tuple[int, Any]:
         task, peer = self.progress(task_id, cid)
         deadline = self.clock.seconds() + self.poll_timeout
-        while True:
-            if task.state == "failed":
-                raise ApiError(502, codes.SOURCE_ERROR, task.error)
-            cdn_cid = f"cdnnode:{cdn_ip}~{task.task_id}"
-            chosen = scheduler.assign(peer, task.ready, cdn_cid)
-            if chosen:
-                return codes.PEER_CONTINUE, [self._piece_info(task, n, cdn_cid, cdn_ip, cdn_port) for n in chosen]
-            if task.state == "done" and len(peer.have) >= (task.total_pieces or 0):
-                return codes.PEER_FINISH, {
-                    "fileLength": task.length,
-                    "pieceSize": task.piece_size,
-                    "pieceCount": task.total_pieces,
-                }
-            remaining = deadline - self.clock.seconds()
-            if remaining <= 0:
-                return codes.PEER_WAIT, None
-            try:
-                await task.wait().addTimeout(remaining, self.clock)
-            except TimeoutError:
-                pass
+        peer.pulls += 1
+        try:
+            while True:
+                if task.state == "failed":
+                    raise ApiError(502, codes.SOURCE_ERROR, task.error)
+                if task.peers.get(cid) is not peer:
+                    raise ApiError(404, codes.TARGET_NOT_FOUND, f"cid {cid!r} was dropped from task {task_id}")
+                chosen = task.schedule.assign(cid)
+                if chosen:
+                    return codes.PEER_CONTINUE, [
+                        self._piece_info(task, n, source, cdn_ip, cdn_port) for n, source in chosen
+                    ]
+                if task.state == "done" and len(peer.have) >= (task.total_pieces or 0):
+                    peer.finished = True
+                    return codes.PEER_FINISH, {
+                        "fileLength": task.length,
+                        "pieceSize": task.piece_size,
+                        "pieceCount": task.total_pieces,
+                    }
+                remaining = deadline - self.clock.seconds()
+                if remaining <= 0:
+                    return codes.PEER_WAIT, None
+                try:
+                    await task.wait().addTimeout(remaining, self.clock)
+                except TimeoutError:
+                    pass
+        finally:
+            peer.pulls -= 1
+            peer.seen = self.clock.seconds()
 
-    def _piece_info(self, task: Task, n: int, cdn_cid: str, cdn_ip: str, cdn_port: int) -> dict[str, Any]:
+    def _piece_info(self, task: Task, n: int, source: str, cdn_ip: str, cdn_port: int) -> dict[str, Any]:
         # While the length is unknown, every ready piece but the last is full;
         # the last ready one is full too, or the fetch would be done.
         length = task.length if task.length >= 0 else task.ready * task.piece_size
         start, end = piece_range(n, task.piece_size, length)
-        return {
+        info: dict[str, Any] = {
             "pieceNum": n,
             "range": format_range(start, end),
             "pieceSize": task.piece_size,
             "pieceDigest": task.digests[n],
-            "cid": cdn_cid,
-            "peerIp": cdn_ip,
-            "peerPort": cdn_port,
-            "path": self.cache.url_path(task.task_id),
         }
-
-    def piece_result(self, task_id: str, cid: str, piece: int, success: bool) -> None:
-        task, peer = self.progress(task_id, cid)
-        if success:
-            if piece not in peer.running and piece not in peer.have:
-                raise ApiError(400, codes.PARAM_ERROR, f"piece {piece} was not assigned to {cid}")
-            peer.succeeded(piece)
+        if source == CDN:
+            info.update(cid=f"{CDN}{cdn_ip}~{task.task_id}", peerIp=cdn_ip, peerPort=cdn_port,
+                        path=self.cache.url_path(task.task_id))
         else:
-            peer.failed(piece)
+            holder = task.peers[source]
+            info.update(cid=source, peerIp=holder.ip, peerPort=holder.port, path=peer_path(task.task_id))
+        return info
+
+    def piece_result(self, task_id: str, cid: str, piece: int, success: bool, kind: str = "") -> None:
+        """A verified piece makes ``cid`` a holder; a failure blames its source."""
+        task, peer = self.progress(task_id, cid)
+        peer.seen = self.clock.seconds()
+        if success:
+            if not task.schedule.succeeded(cid, piece):
+                raise ApiError(400, codes.PARAM_ERROR, f"piece {piece} was not assigned to {cid}")
+        else:
+            task.schedule.failed(cid, piece, kind)
         task.changed()
 
     def service_down(self, task_id: str, cid: str) -> None:
         task, _ = self.progress(task_id, cid)
-        del task.peers[cid]
+        task.schedule.remove_peer(cid)
         task.changed()
+
+    def sweep(self) -> None:
+        """Drop downloading peers that went silent (killed without a word)."""
+        now = self.clock.seconds()
+        for task in self.tasks.values():
+            gone = [
+                peer.cid for peer in task.peers.values()
+                if not peer.finished and not peer.pulls and now - peer.seen > SILENCE
+            ]
+            for cid in gone:
+                log.warn("cid:{cid} of taskID:{task_id} went silent: dropped", cid=cid, task_id=task.task_id)
+                task.schedule.remove_peer(cid)
+            if gone:
+                task.changed()
 
     def stop(self) -> None:
         """Cancel running fetches (their metas stay 'running', so no cache hit)."""

@@ -1,0 +1,203 @@
+"""The uploader: serves verified pieces of the tasks this peer holds.
+
+``GET /peer/file/<taskId>`` with ``Range: bytes=s-e``.  Files are found by
+task id in `UploadStore`, never by a client-supplied path, and only ranges
+inside pieces whose sha256 matched are served, so a peer never passes on
+bytes it has not verified.  Bytes leave through a pull producer that reads
+64 KiB at a time, so memory stays flat however many peers pull.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from dfly.pieces import is_task_id
+
+log = Logger(namespace="dfly.peer.uploader")
+
+CHUNK = 64 * 1024
+_RANGE = re.compile(r"\Abytes=(\d{1,19})-(\d{1,19})\Z")
+
+
+@attrs.define(eq=False)
+class HeldFile:
+    """One local download's file, as far as other peers may see it."""
+
+    task_id: str
+    path: str
+    piece_size: int
+    length: int = -1  # -1 until known
+    pieces: dict[int, tuple[int, int]] = attrs.Factory(dict)  # verified piece -> (start, end)
+    finished: bool = False
+    last_access: float = 0.0
+    uploads: int = 0
+    # Where it was registered, for the service-down when it expires.
+    node: tuple[str, int] = ("", 0)
+    cid: str = ""
+
+    def covering(self, start: int, end: int) -> bool:
+        span = self.pieces.get(start // self.piece_size)
+        return span is not None and span[0] <= start and end <= span[1]
+
+
+class FileShrank(Exception):
+    """The file on disk is shorter than a piece we verified: cut the response short."""
+
+
+class UploadError(Exception):
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+
+
+@attrs.define(eq=False)
+class UploadStore:
+    """The files this peer serves, by task id."""
+
+    clock: IReactorTime
+    files: dict[str, list[HeldFile]] = attrs.Factory(dict)
+    active: int = 0  # uploads in progress
+    last_upload: float = 0.0
+
+    def add(self, held: HeldFile) -> None:
+        held.last_access = self.clock.seconds()
+        self.files.setdefault(held.task_id, []).append(held)
+
+    def remove(self, held: HeldFile) -> None:
+        entries = self.files.get(held.task_id, [])
+        if held in entries:
+            entries.remove(held)
+        if not entries:
+            self.files.pop(held.task_id, None)
+
+    def held(self) -> list[HeldFile]:
+        return [held for entries in self.files.values() for held in entries]
+
+    def paths(self) -> set[str]:
+        return {held.path for held in self.held()}
+
+    def find(self, task_id: str, range_header: bytes | None) -> tuple[HeldFile, int, int]:
+        """The file and byte range to serve, or `UploadError` with its status."""
+        if not is_task_id(task_id) or task_id not in self.files:
+            raise UploadError(404, f"task {task_id} is not held here")
+        match = _RANGE.match((range_header or b"").decode("latin-1").strip())
+        if match is None:
+            raise UploadError(400, "a single 'Range: bytes=start-end' is required")
+        start, end = int(match.group(1)), int(match.group(2))
+        if end < start:
+            raise UploadError(400, "range end before its start")
+        entries = self.files[task_id]
+        for held in entries:
+            if held.covering(start, end):
+                return held, start, end
+        if any(0 <= held.length <= start for held in entries):
+            raise UploadError(416, f"range {start}-{end} is past the end of the file")
+        raise UploadError(404, f"range {start}-{end} is not in a verified piece here")
+
+    def serve(self, request: IRequest, task_id: str) -> Deferred[bytes] | bytes:
+        try:
+            held, start, end = self.find(task_id, request.getHeader(b"range"))
+        except UploadError as e:
+            request.setResponseCode(e.status)
+            request.setHeader(b"content-type", b"text/plain")
+            if e.status == 416 and held_length(self, task_id) >= 0:
+                request.setHeader(b"content-range", f"bytes */{held_length(self, task_id)}".encode())
+            return e.msg.encode() + b"\n"
+        try:
+            fd = os.open(held.path, os.O_RDONLY)
+        except OSError as e:
+            request.setResponseCode(404)
+            return f"task file is gone: {e.strerror}\n".encode()
+        total = f"{held.length}" if held.length >= 0 else "*"
+        request.setResponseCode(206)
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-range", f"bytes {start}-{end}/{total}".encode())
+        request.setHeader(b"content-length", str(end - start + 1).encode())
+        held.uploads += 1
+        self.active += 1
+        now = self.clock.seconds()
+        held.last_access = self.last_upload = now
+
+        def finished(result: Any) -> Any:
+            held.uploads -= 1
+            self.active -= 1
+            self.last_upload = held.last_access = self.clock.seconds()
+            return result
+
+        def cut_short(failure: Any) -> bytes:
+            # The connection is already being dropped: the receiver sees a short
+            # body.  Writing an error now would append it to the 206 bytes.
+            failure.trap(FileShrank)
+            log.warn("{path} shrank while serving task {task_id}", path=held.path, task_id=task_id)
+            return b""
+
+        producer = RangeProducer(request, fd, start, end - start + 1)
+        return producer.start().addBoth(finished).addErrback(cut_short)
+
+
+def held_length(store: UploadStore, task_id: str) -> int:
+    return max((held.length for held in store.files.get(task_id, [])), default=-1)
+
+
+class RangeProducer:
+    """Pull producer: the transport asks, we read the next 64 KiB and write it.
+
+    ``done`` fires with b"" once every byte is written (klein then finishes the
+    response); cancelling it (client gone) stops reading and closes the file.
+    """
+
+    def __init__(self, request: IRequest, fd: int, offset: int, length: int) -> None:
+        self.request = request
+        self.fd = fd
+        self.offset = offset
+        self.remaining = length
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+
+    def start(self) -> Deferred[bytes]:
+        self.request.registerProducer(self, False)
+        return self.done
+
+    def resumeProducing(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            data = os.pread(self.fd, min(CHUNK, self.remaining), self.offset)
+        except OSError as e:
+            self._close()
+            self.request.unregisterProducer()
+            self.done.errback(e)
+            return
+        if not data:
+            # The file shrank under us: never pad, cut the response short.
+            self._close()
+            self.request.unregisterProducer()
+            self.request.loseConnection()
+            self.done.errback(FileShrank("file shorter than the verified piece"))
+            return
+        self.offset += len(data)
+        self.remaining -= len(data)
+        self.request.write(data)
+        if self.remaining <= 0:
+            self._close()
+            self.request.unregisterProducer()
+            self.done.callback(b"")
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    def _cancel(self, d: Deferred[bytes]) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
