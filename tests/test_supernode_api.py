@@ -33,7 +33,7 @@ from dfly.pieces import DEFAULT_PIECE_SIZE, task_id
 from dfly.source import SourceClient
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
-from dfly.supernode.tasks import SILENCE, TaskManager
+from dfly.supernode.tasks import HUNG_UP_GRACE, SILENCE, TaskManager
 
 P = DEFAULT_PIECE_SIZE
 ORIGIN = "http://origin.test"
@@ -811,6 +811,31 @@ class SweepTests(SupernodeApiTestCase):
         self.clock.advance(POLL_TIMEOUT)
         self.pump()
         self.assertEqual(self.successResultOf(held).code, 602)
+
+    def test_peer_that_hung_up_on_a_held_pull_is_dropped_soon(self) -> None:
+        """Closing a held pull (a killed peer) gets the peer dropped after HUNG_UP_GRACE, not SILENCE."""
+        held = self.start_pull(self.tid)  # peer-1 runs 4 pieces: this pull waits
+        self.pump()
+        held.cancel()  # the peer's connection went away
+        self.pump()
+        self.clock.advance(HUNG_UP_GRACE + 0.1)
+        self.tasks.sweep()
+        self.assertNotIn("peer-1", self.tasks.task(self.tid).peers)
+
+    def test_peer_that_pulls_again_after_hanging_up_is_kept(self) -> None:
+        """A new pull after a hang-up clears it: only silence counts then."""
+        held = self.start_pull(self.tid)
+        self.pump()
+        held.cancel()
+        self.pump()
+        again = self.start_pull(self.tid)
+        self.pump()
+        self.clock.advance(HUNG_UP_GRACE + 0.1)
+        self.tasks.sweep()
+        self.assertIn("peer-1", self.tasks.task(self.tid).peers)
+        self.clock.advance(POLL_TIMEOUT)
+        self.pump()
+        self.assertEqual(self.successResultOf(again).code, 602)
 
     def test_finished_peer_is_not_swept(self) -> None:
         """A peer that got 600 stays a source however long it stays quiet."""

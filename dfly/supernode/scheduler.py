@@ -70,6 +70,7 @@ class Peer:
     finished: bool = False
     pulls: int = 0  # pulls held open right now
     seen: float = 0.0  # when it last pulled or reported
+    hung_up: bool = False  # its last held pull was closed by the peer
 
     @property
     def can_serve(self) -> bool:

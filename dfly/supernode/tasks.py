@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping, NoReturn
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,6 +34,8 @@ CDN = "cdnnode:"
 #: A live one always has a pull held open or is about to send the next, so
 #: this only needs to cover a busy host's pause between two pulls.
 SILENCE = 6.0
+#: A peer that hung up on a held pull and did not pull again within this is gone.
+HUNG_UP_GRACE = 1.0
 
 
 @attrs.frozen
@@ -306,6 +308,7 @@ class TaskManager:
         task, peer = self.progress(task_id, cid)
         deadline = self.clock.seconds() + self.poll_timeout
         peer.pulls += 1
+        peer.hung_up = False
         try:
             while True:
                 if task.state == "failed":
@@ -331,6 +334,11 @@ class TaskManager:
                     await task.wait().addTimeout(remaining, self.clock)
                 except TimeoutError:
                     pass
+        except CancelledError:
+            # The peer closed a held pull: a live peer never does, a killed one
+            # does at once (its kernel closes the socket).
+            peer.hung_up = True
+            raise
         finally:
             peer.pulls -= 1
             peer.seen = self.clock.seconds()
@@ -376,7 +384,8 @@ class TaskManager:
         for task in self.tasks.values():
             gone = [
                 peer.cid for peer in task.peers.values()
-                if not peer.finished and not peer.pulls and now - peer.seen > SILENCE
+                if not peer.finished and not peer.pulls
+                and now - peer.seen > (HUNG_UP_GRACE if peer.hung_up else SILENCE)
             ]
             for cid in gone:
                 log.warn("cid:{cid} of taskID:{task_id} went silent: dropped", cid=cid, task_id=task.task_id)
