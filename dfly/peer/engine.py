@@ -560,7 +560,7 @@ class PeerEngine:
         """fsync, check the whole-file digest, then place the file at ``-o``."""
         req = run.req
         assert run.fd is not None
-        os.fsync(run.fd)
+        await self._in_thread(os.fsync, run.fd)  # seconds for a big file: not on the reactor
         run.close()
         checks = []
         if req.md5:
