@@ -37,8 +37,8 @@ ELIMINATION = 5
 ISOLATION = 5
 #: Pieces of one task the CDN serves at once.
 CDN_TASK_LIMIT = 4
-#: Candidate pieces one pull examines at most: bounds the cost of a pull
-#: when most candidates have no free source.
+#: Candidate pieces (lacked, not running) one pull examines at most: bounds
+#: the cost of a pull when most candidates have no free source.
 SCAN_BUDGET = 256
 
 #: Failure kinds that are the source's fault, and how much each costs it.
@@ -88,6 +88,7 @@ class TaskSchedule:
     cdn_pieces: set[int] = attrs.Factory(set)  # pieces the CDN is sending right now
     holders: dict[int, list[str]] = attrs.Factory(dict)
     buckets: list[list[int]] = attrs.Factory(lambda: [[]])
+    _removed: set[str] = attrs.Factory(set)  # cids dropped at some point
 
     # --- membership -------------------------------------------------------------
 
@@ -95,6 +96,11 @@ class TaskSchedule:
         peer = self.peers.get(cid)
         if peer is None:
             peer = self.peers[cid] = Peer(cid, ip, port)
+            if cid in self._removed:
+                # Others may still be fetching from this cid's earlier run; their
+                # ends release slots, so the count must include them.
+                self._removed.discard(cid)
+                peer.uploads = sum(1 for p in self.peers.values() for src in p.running.values() if src == cid)
         return peer
 
     def remove_peer(self, cid: str) -> None:
@@ -102,6 +108,7 @@ class TaskSchedule:
         peer = self.peers.pop(cid, None)
         if peer is None:
             return
+        self._removed.add(cid)
         for piece, source in peer.running.items():
             self._release(piece, source)
         peer.running.clear()
@@ -136,11 +143,11 @@ class TaskSchedule:
                     break
                 continue  # nobody but the CDN has these, and it is busy
             for piece in self._nearest(bucket, center):
+                if piece in peer.have or piece in peer.running:
+                    continue  # cheap, and not a candidate: does not count against the budget
                 budget -= 1
                 if budget < 0:
                     return chosen
-                if piece in peer.have or piece in peer.running:
-                    continue
                 source = self._source_for(peer, piece, isolated)
                 if source is None:
                     continue
