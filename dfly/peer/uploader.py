@@ -53,10 +53,11 @@ class FileShrank(Exception):
 
 
 class UploadError(Exception):
-    def __init__(self, status: int, msg: str) -> None:
+    def __init__(self, status: int, msg: str, length: int = -1) -> None:
         super().__init__(msg)
         self.status = status
         self.msg = msg
+        self.length = length  # the file's length, for a 416's Content-Range
 
 
 @attrs.define(eq=False)
@@ -99,8 +100,9 @@ class UploadStore:
         for held in entries:
             if held.covering(start, end):
                 return held, start, end
-        if any(0 <= held.length <= start for held in entries):
-            raise UploadError(416, f"range {start}-{end} is past the end of the file")
+        length = max(held.length for held in entries)  # -1 until some download knows it
+        if 0 <= length <= start:
+            raise UploadError(416, f"range {start}-{end} is past the end of the file", length)
         raise UploadError(404, f"range {start}-{end} is not in a verified piece here")
 
     def serve(self, request: IRequest, task_id: str) -> Deferred[bytes] | bytes:
@@ -109,8 +111,8 @@ class UploadStore:
         except UploadError as e:
             request.setResponseCode(e.status)
             request.setHeader(b"content-type", b"text/plain")
-            if e.status == 416 and held_length(self, task_id) >= 0:
-                request.setHeader(b"content-range", f"bytes */{held_length(self, task_id)}".encode())
+            if e.status == 416:
+                request.setHeader(b"content-range", f"bytes */{e.length}".encode())
             return e.msg.encode() + b"\n"
         try:
             fd = os.open(held.path, os.O_RDONLY)
@@ -142,10 +144,6 @@ class UploadStore:
 
         producer = RangeProducer(request, fd, start, end - start + 1)
         return producer.start().addBoth(finished).addErrback(cut_short)
-
-
-def held_length(store: UploadStore, task_id: str) -> int:
-    return max((held.length for held in store.files.get(task_id, [])), default=-1)
 
 
 class RangeProducer:
