@@ -17,7 +17,10 @@ Invariants:
   write), except when cancelled: the writer owns a duplicate of the file
   descriptor, so late writes land in the file it was given and nowhere else;
 - the stream fails if it carries more or fewer bytes than expected or goes
-  quiet for ``idle_timeout``.
+  quiet for ``idle_timeout``;
+- with a ``bucket``, every read is charged to it (and its parents) and the
+  transport stays paused until the debt is repaid: that is how download
+  limits pace the sender, through TCP's own flow control.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+
+from dfly.ratelimit import TokenBucket
 
 #: Bytes handed to the worker at once.
 BATCH = 1 << 20
@@ -75,6 +80,7 @@ class BodyWriter(Protocol):
         clock: IReactorTime,
         idle_timeout: float = 30.0,
         run_blocking: RunBlocking = run_inline,
+        bucket: TokenBucket | None = None,
     ) -> None:
         self._fd = os.dup(fd)
         self._offset = offset
@@ -85,6 +91,8 @@ class BodyWriter(Protocol):
         self._idle_timeout = idle_timeout
         self._run = run_blocking
         self._idle: IDelayedCall | None = None
+        self._bucket = bucket
+        self._credit: IDelayedCall | None = None
         # Reactor side: what has arrived and not yet been handed over.
         self._batch: list[bytes] = []
         self._batch_bytes = 0
@@ -122,6 +130,8 @@ class BodyWriter(Protocol):
             self._hand_over()
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._idle_timeout)
+        if self._bucket is not None:
+            self._charge(len(data))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._stop_timer()
@@ -164,6 +174,22 @@ class BodyWriter(Protocol):
         )
         if self._queued > MAX_QUEUED:
             self._pause("queue")
+
+    def _charge(self, n: int) -> None:
+        wait = self._bucket.charge(n) if self._bucket is not None else 0.0
+        if wait <= 0:
+            return
+        self._pause("rate")
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout + wait)  # a paced pause is not silence
+        if self._credit is None:
+            self._credit = self._clock.callLater(wait, self._credit_back)
+        elif self._credit.getTime() < self._clock.seconds() + wait:
+            self._credit.reset(wait)
+
+    def _credit_back(self) -> None:
+        self._credit = None
+        self._resume("rate")
 
     def _report(self, pieces: list[tuple[int, int, str]]) -> None:
         if self._error is None:
@@ -226,9 +252,10 @@ class BodyWriter(Protocol):
             d.errback(self._error)
 
     def _stop_timer(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        for timer in (self._idle, self._credit):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle = self._credit = None
 
     # worker side -------------------------------------------------------------------
 

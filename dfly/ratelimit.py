@@ -1,0 +1,260 @@
+"""Token buckets, and the producer that paces a file range through them.
+
+A `TokenBucket` holds up to ``burst`` bytes of credit and earns ``rate``
+bytes of it per second of its clock.  Buckets nest: a download's task bucket
+has the host's bucket as its parent, and every byte is drawn from each
+bucket in the chain, so whichever limit is tighter at the moment governs.
+A rate of 0 means "no limit" at that level (the chain above still counts).
+
+There are two ways to draw, for the two directions data moves:
+
+- `TokenBucket.reserve` is for producers, which choose how much to send: it
+  takes ``n`` bytes of credit only if every bucket has them, and otherwise
+  says how long to wait.  What it grants over any interval of length ``t``
+  is at most ``burst + rate * t``.
+- `TokenBucket.charge` is for receivers, which learn the size of a read only
+  after it arrived: the bytes are taken even into debt, and the answer is
+  how long to pause the transport until the debt is repaid.  Over any
+  interval this lets through at most one read more than ``reserve`` would.
+
+Neither needs a timer per byte or a polling loop: a paused transfer sets a
+single ``callLater`` for the moment its credit is back.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from zope.interface import implementer
+
+#: Bytes a producer reads and sends at once.
+CHUNK = 64 * 1024
+#: Default burst, in seconds of the rate: small, so a limit holds over short
+#: transfers too (a 1 s burst would make a 16 s transfer finish in 15 s).
+BURST_SECONDS = 0.1
+#: No bucket holds less than this, so one `CHUNK` can always be reserved.
+MIN_BURST = 2 * CHUNK
+#: Credit within this many bytes of a request counts as enough, so float
+#: rounding never turns a wait into a second, near-zero wait.
+_SLACK = 1e-6
+
+
+class TokenBucket:
+    """A rate limit that can sit inside another one (task inside host)."""
+
+    def __init__(
+        self,
+        rate: float,
+        clock: IReactorTime,
+        burst: float | None = None,
+        parent: TokenBucket | None = None,
+    ) -> None:
+        if rate < 0:
+            raise ValueError(f"rate must be >= 0, got {rate!r}")
+        if burst is not None and burst <= 0:
+            raise ValueError(f"burst must be > 0, got {burst!r}")
+        self._clock = clock
+        self._burst_given = burst
+        self.parent = parent
+        self.rate = float(rate)
+        self.burst = self._burst_for(self.rate)
+        self._tokens = self.burst
+        self._stamp = clock.seconds()
+
+    def _burst_for(self, rate: float) -> float:
+        if self._burst_given is not None:
+            return max(float(self._burst_given), MIN_BURST)
+        return max(rate * BURST_SECONDS, MIN_BURST)
+
+    @property
+    def limited(self) -> bool:
+        return self.rate > 0
+
+    def set_rate(self, rate: float) -> None:
+        """Change the limit from now on; credit earned so far is kept (up to the new burst)."""
+        if rate < 0:
+            raise ValueError(f"rate must be >= 0, got {rate!r}")
+        self._refill()
+        self.rate = float(rate)
+        self.burst = self._burst_for(self.rate)
+        self._tokens = min(self._tokens, self.burst)
+
+    def tokens(self) -> float:
+        """Credit in this bucket alone (negative while in debt)."""
+        self._refill()
+        return self._tokens
+
+    def chain(self) -> list[TokenBucket]:
+        """This bucket and those above it that actually limit."""
+        out = []
+        bucket: TokenBucket | None = self
+        while bucket is not None:
+            if bucket.limited:
+                out.append(bucket)
+            bucket = bucket.parent
+        return out
+
+    def reserve(self, n: int) -> float:
+        """Take ``n`` bytes from every bucket and return 0, or return the seconds to wait.
+
+        ``n`` must not exceed any bucket's burst (`CHUNK` never does).
+        """
+        chain = self.chain()
+        wait = 0.0
+        for bucket in chain:
+            bucket._refill()
+            missing = n - bucket._tokens
+            if missing > _SLACK:
+                wait = max(wait, missing / bucket.rate)
+        if wait > 0:
+            return wait
+        for bucket in chain:
+            bucket._tokens -= n
+        return 0.0
+
+    def charge(self, n: int) -> float:
+        """Take ``n`` bytes that already arrived; the seconds until no bucket is in debt."""
+        wait = 0.0
+        for bucket in self.chain():
+            bucket._refill()
+            bucket._tokens -= n
+            if bucket._tokens < -_SLACK:
+                wait = max(wait, -bucket._tokens / bucket.rate)
+        return wait
+
+    def _refill(self) -> None:
+        now = self._clock.seconds()
+        if self.rate > 0 and now > self._stamp:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+
+def bucket_or_none(rate: float, clock: IReactorTime, parent: TokenBucket | None = None) -> TokenBucket | None:
+    """A bucket when there is any limit on the way, None when nothing limits."""
+    if rate <= 0 and (parent is None or not parent.chain()):
+        return None
+    return TokenBucket(rate, clock, parent=parent)
+
+
+class FileShrank(Exception):
+    """The file ended before the range did: the response must be cut short."""
+
+
+@implementer(IPushProducer)
+class FileRangeProducer:
+    """Sends ``length`` bytes of ``fd`` from ``offset``, 64 KiB at a time, paced by ``bucket``.
+
+    A push producer: it writes while neither the consumer (its send buffer is
+    full) nor the bucket (no credit) holds it back, each pause being a reason
+    in a set, and it resumes when the set is empty again.  ``done`` fires with
+    None once every byte is written, or fails with `FileShrank`, an `OSError`
+    from reading, or `ConnectionLost` when the consumer stopped it.  It owns
+    ``fd`` and closes it in every case.
+    """
+
+    def __init__(
+        self,
+        consumer: IConsumer,
+        fd: int,
+        offset: int,
+        length: int,
+        clock: IReactorTime,
+        bucket: TokenBucket | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.fd = fd
+        self.offset = offset
+        self.remaining = length
+        self.clock = clock
+        self.bucket = bucket
+        self.sent = 0
+        self._paused: set[str] = set()
+        self._timer: IDelayedCall | None = None
+        self._pumping = False
+        self.done: Deferred[None] = Deferred(lambda d: self._end(ConnectionLost("cancelled")))
+
+    def start(self) -> Deferred[None]:
+        self.consumer.registerProducer(self, True)
+        self._pump()
+        return self.done
+
+    # IPushProducer ------------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused.add("consumer")
+
+    def resumeProducing(self) -> None:
+        self._paused.discard("consumer")
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._end(ConnectionLost("the consumer stopped the transfer"))
+
+    # ---------------------------------------------------------------------------------
+
+    def _credit(self) -> None:
+        self._timer = None
+        self._paused.discard("rate")
+        self._pump()
+
+    def _pump(self) -> None:
+        # consumer.write may call pauseProducing or resumeProducing (and so
+        # _pump) re-entrantly; the flag keeps one loop running at a time.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._paused and self.fd >= 0 and self.remaining > 0:
+                n = min(CHUNK, self.remaining)
+                if self.bucket is not None:
+                    wait = self.bucket.reserve(n)
+                    if wait > 0:
+                        self._paused.add("rate")
+                        self._timer = self.clock.callLater(wait, self._credit)
+                        return
+                data = os.pread(self.fd, n, self.offset)
+                if not data:
+                    self._end(FileShrank(f"file ended {self.remaining} bytes before the range"))
+                    return
+                self.offset += len(data)
+                self.remaining -= len(data)
+                self.sent += len(data)
+                self.consumer.write(data)
+        except OSError as e:
+            self._end(e)
+            return
+        finally:
+            self._pumping = False
+        if self.remaining <= 0 and self.fd >= 0:
+            self._end(None)
+
+    def _end(self, error: Exception | None) -> None:
+        """Close the file, let the consumer go, and fire ``done`` once."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self._paused.add("ended")
+            try:
+                self.consumer.unregisterProducer()
+            except (AttributeError, RuntimeError):
+                pass  # a request whose connection is gone has nothing to unregister
+        if self.done.called:
+            return
+        if error is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(error)
+
+
+def describe_limit(rate: float) -> str:
+    """A rate for logs and messages: ``10.0 MiB/s`` or ``unlimited``."""
+    if rate <= 0:
+        return "unlimited"
+    return f"{rate / (1 << 20):.1f} MiB/s"
+
