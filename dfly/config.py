@@ -19,6 +19,8 @@ DEFAULT_SUPERNODE_PORT = 8002
 DEFAULT_DOWNLOAD_PORT = 8001
 DEFAULT_DFGET_CONFIG = "/etc/dragonfly/dfget.yml"
 DEFAULT_SUPERNODE_CONFIG = "/etc/dragonfly/supernode.yml"
+#: Bytes/s one download may take unless told otherwise (the FAQ's 10 MB/s).
+DEFAULT_LOCAL_LIMIT = 10 << 20
 
 _SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -210,12 +212,16 @@ class DfgetFileConfig:
     nodes: tuple[tuple[str, int], ...] = ()
     min_rate: int = 64 << 10
     timeout: float = 0.0
+    local_limit: int = DEFAULT_LOCAL_LIMIT
+    total_limit: int | None = None  # None: not set here (the daemon's own value holds)
 
 
 _DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "nodes": ("nodes", parse_nodes),
     "minRate": ("min_rate", parse_size),
     "timeout": ("timeout", parse_duration),
+    "localLimit": ("local_limit", parse_size),
+    "totalLimit": ("total_limit", parse_size),
 }
 
 
@@ -234,6 +240,8 @@ class SupernodeFileConfig:
     advertise_ip: str | None = None
     fail_access_interval: float = 180.0
     poll_timeout: float = 5.0
+    max_bandwidth: int = 0  # bytes/s of all source fetches together; 0 = unlimited
+    max_upload_bandwidth: int = 0  # bytes/s of all CDN uploads together; 0 = unlimited
 
 
 _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -244,6 +252,8 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "advertiseIp": ("advertise_ip", check_ip),
     "failAccessInterval": ("fail_access_interval", parse_duration),
     "pollTimeout": ("poll_timeout", parse_duration),
+    "maxBandwidth": ("max_bandwidth", parse_size),
+    "maxUploadBandwidth": ("max_upload_bandwidth", parse_size),
 }
 
 

@@ -28,7 +28,12 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from zope.interface import implementer
+
+log = Logger(namespace="dfly.ratelimit")
 
 #: Bytes a producer reads and sends at once.
 CHUNK = 64 * 1024
@@ -56,7 +61,7 @@ class TokenBucket:
             raise ValueError(f"rate must be >= 0, got {rate!r}")
         if burst is not None and burst <= 0:
             raise ValueError(f"burst must be > 0, got {burst!r}")
-        self._clock = clock
+        self.clock = clock
         self._burst_given = burst
         self.parent = parent
         self.rate = float(rate)
@@ -126,17 +131,30 @@ class TokenBucket:
         return wait
 
     def _refill(self) -> None:
-        now = self._clock.seconds()
+        now = self.clock.seconds()
         if self.rate > 0 and now > self._stamp:
             self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
 
-def bucket_or_none(rate: float, clock: IReactorTime, parent: TokenBucket | None = None) -> TokenBucket | None:
-    """A bucket when there is any limit on the way, None when nothing limits."""
-    if rate <= 0 and (parent is None or not parent.chain()):
-        return None
-    return TokenBucket(rate, clock, parent=parent)
+class HostLimit:
+    """``--totallimit``: one rate for each direction of a host's P2P traffic.
+
+    Every download's task bucket has ``rx`` as its parent and every upload
+    draws from ``tx``, so all of a host's transfers share the limit.
+    """
+
+    def __init__(self, rate: float, clock: IReactorTime) -> None:
+        self.rx = TokenBucket(rate, clock)
+        self.tx = TokenBucket(rate, clock)
+
+    @property
+    def rate(self) -> float:
+        return self.rx.rate
+
+    def set_rate(self, rate: float) -> None:
+        self.rx.set_rate(rate)
+        self.tx.set_rate(rate)
 
 
 class FileShrank(Exception):
@@ -250,6 +268,28 @@ class FileRangeProducer:
             self.done.callback(None)
         else:
             self.done.errback(error)
+
+
+def send_range(request: IRequest, fd: int, offset: int, length: int, clock: IReactorTime,
+               bucket: TokenBucket | None = None) -> Deferred[None]:
+    """Send a file range as the body of ``request`` (headers already set), paced by ``bucket``.
+
+    Fires when the last byte is written.  The client going away stops the
+    producer; a file that shrank or cannot be read drops the connection,
+    because after the first body byte nothing else can tell the client that
+    the body is short.
+    """
+    producer = FileRangeProducer(request, fd, offset, length, clock, bucket)
+    request.notifyFinish().addErrback(lambda _: producer.stopProducing())
+
+    def failed(failure: Failure) -> Failure:
+        if failure.check(FileShrank, OSError):
+            log.warn("cannot send {path}: {error}", path=request.path, error=failure.getErrorMessage())
+            if request.channel is not None:
+                request.channel.transport.abortConnection()
+        return failure
+
+    return producer.start().addErrback(failed)
 
 
 def describe_limit(rate: float) -> str:

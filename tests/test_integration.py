@@ -255,6 +255,7 @@ class IntegrationTestCase(TestCase):
         """A download of ``url`` to a new output, with a new sign, through ``self.nodes``."""
         n = next(_signs)
         changes.setdefault("nodes", self.nodes)
+        changes.setdefault("local_limit", 0)  # pacing has its own test; the rest wants speed
         output = os.path.join(self.out, f"out-{n}.bin")
         return DownloadRequest(url=url, output=output, sign=f"{os.getpid()}-{n}.000", **changes)
 

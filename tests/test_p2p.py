@@ -255,7 +255,7 @@ class P2PTestCase(TestCase):
         n = next(_signs)
         req = DownloadRequest(
             url=file.url, output=os.path.join(self.out, f"{host.name}-{n}.bin"), sign=f"{os.getpid()}-{n}.000",
-            nodes=self.nodes,
+            nodes=self.nodes, local_limit=0,
         )
         run = Run(host, req, host.parts.engine.download(req))
         host.runs.append(run)

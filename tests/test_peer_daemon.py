@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,7 +32,6 @@ from dfly.peer.request import DownloadRequest
 from dfly.peer.tap import GC_INTERVAL, LEAVE_TIMEOUT, RESIDUE_AGE, DaemonLockHeld, PeerDaemon, PeerParts, build_service
 from dfly.peer.uploader import HeldFile, UploadStore
 from dfly.services import ListeningService
-from tests.test_uploader import RecordingRequest
 
 NOW = 1_700_000_000.0
 PORT = 8123
@@ -74,9 +74,46 @@ def make_held(home: Home, name: str = "file-s1.server", finished: bool = True) -
                     node=SUPERNODE, cid=CID)
 
 
-def start_upload(store: UploadStore) -> RecordingRequest:
+class PeerRequest:
+    """A request from a peer that reads nothing until `pull_all`: its upload stays in progress."""
+
+    def __init__(self, byte_range: bytes) -> None:
+        self.byte_range = byte_range
+        self.code: int | None = None
+        self.writes: list[bytes] = []
+        self.producer: Any = None
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        return self.byte_range if name.lower() == b"range" else None
+
+    def setResponseCode(self, code: int) -> None:
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        pass
+
+    def notifyFinish(self) -> Deferred[None]:
+        return Deferred()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        producer.pauseProducing()  # the peer's socket buffer is full
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def pull_all(self) -> None:
+        """The peer reads: the rest of the range is sent and the upload ends."""
+        self.producer.resumeProducing()
+        assert self.producer is None, "the upload did not finish"
+
+
+def start_upload(store: UploadStore) -> PeerRequest:
     """Begin serving piece 0 to a peer that has not read it yet."""
-    request = RecordingRequest(b"bytes=0-999")
+    request = PeerRequest(b"bytes=0-999")
     store.serve(request, TASK)  # type: ignore[arg-type]
     assert request.code == 206, request.code
     return request

@@ -1,13 +1,9 @@
-"""The uploader: `UploadStore.find`, `RangeProducer`, and serving through the real klein resource.
+"""The uploader: `UploadStore.find`, and serving through the real klein resource.
 
-``find`` and ``RangeProducer`` are tested on their own with real files and a
-small recording request.  Serving goes through ``LocalApi(...).resource()``
-with `StubTreq`.  One awkward bit of wiring: `RangeProducer` is a pull
-producer, and ``HTTPChannel`` turns pull producers into push producers
-with the global ``twisted.internet.task.cooperate``, which runs on the
-global reactor (not turning in a `SynchronousTestCase`).  The serving tests
-therefore swap the global cooperator for one scheduled on a `Clock` and pump
-it by hand (`Served.pump`).
+``find`` is tested on its own with real files.  Serving goes through
+``LocalApi(...).resource()`` with `StubTreq`; the producer that sends the
+bytes (`dfly.ratelimit.FileRangeProducer`) has its own tests in
+tests/test_ratelimit.py.
 """
 
 from __future__ import annotations
@@ -19,10 +15,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from treq.testing import StubTreq
-from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import Clock, Cooperator
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
@@ -31,7 +26,8 @@ from dfly.config import Home
 from dfly.peer.engine import PeerEngine
 from dfly.peer.hostmeta import TOKEN_HEADER
 from dfly.peer.localapi import LocalApi
-from dfly.peer.uploader import CHUNK, HeldFile, RangeProducer, UploadError, UploadStore
+from dfly.peer.uploader import HeldFile, UploadError, UploadStore
+from dfly.ratelimit import TokenBucket
 
 TASK = "ab" * 32
 OTHER_TASK = "cd" * 32
@@ -54,48 +50,6 @@ def write_file(testcase: SynchronousTestCase, data: bytes) -> str:
 def held_file(path: str, verified: tuple[int, ...] = (0, 1), length: int = LENGTH, task_id: str = TASK) -> HeldFile:
     pieces = {n: (n * PIECE, (n + 1) * PIECE - 1) for n in verified}
     return HeldFile(task_id, path, PIECE, length=length, pieces=pieces, finished=True)
-
-
-class RecordingRequest:
-    """Just enough of a request for `UploadStore.serve` and `RangeProducer`: records, pulls on demand."""
-
-    def __init__(self, byte_range: bytes | None = None) -> None:
-        self.byte_range = byte_range
-        self.code: int | None = None
-        self.headers: dict[bytes, bytes] = {}
-        self.writes: list[bytes] = []
-        self.producer: Any = None
-        self.streaming: bool | None = None
-        self.lost = False
-
-    def getHeader(self, name: bytes) -> bytes | None:
-        return self.byte_range if name.lower() == b"range" else None
-
-    def setResponseCode(self, code: int) -> None:
-        self.code = code
-
-    def setHeader(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer, self.streaming = producer, streaming
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def loseConnection(self) -> None:
-        self.lost = True
-
-    def pull_all(self, limit: int = 10_000) -> None:
-        """Ask for data like a transport would, until the producer unregisters."""
-        for _ in range(limit):
-            if self.producer is None:
-                return
-            self.producer.resumeProducing()
-        raise AssertionError("producer never finished")
 
 
 class FindTests(SynchronousTestCase):
@@ -189,99 +143,12 @@ class FindTests(SynchronousTestCase):
         self.assertEqual(found is not None, inside)
 
 
-class RangeProducerTests(SynchronousTestCase):
-    """`RangeProducer` reads the range 64 KiB at a time and never pads."""
-
-    def producer_for(self, data: bytes, offset: int, length: int) -> tuple[RangeProducer, RecordingRequest]:
-        request = RecordingRequest()
-        fd = os.open(write_file(self, data), os.O_RDONLY)
-        self.addCleanup(lambda: os.close(fd) if producer.fd >= 0 else None)
-        producer = RangeProducer(request, fd, offset, length)  # type: ignore[arg-type]
-        return producer, request
-
-    def test_registers_as_pull_producer(self) -> None:
-        """The producer registers itself as a pull (non-streaming) producer."""
-        producer, request = self.producer_for(payload(10), 0, 10)
-        producer.start()
-        self.assertEqual((request.producer, request.streaming), (producer, False))
-
-    def test_one_mebibyte_range_is_written_in_64k_chunks(self) -> None:
-        """A 1 MiB range takes sixteen writes of at most 64 KiB each."""
-        producer, request = self.producer_for(payload(2 << 20), 12345, 1 << 20)
-        producer.start()
-        request.pull_all()
-        self.assertEqual((len(request.writes), max(map(len, request.writes))), (16, CHUNK))
-
-    def test_writes_exactly_the_range(self) -> None:
-        """The bytes written are the requested range of the file, nothing more."""
-        data = payload(300_000)
-        producer, request = self.producer_for(data, 70_001, 150_000)
-        producer.start()
-        request.pull_all()
-        self.assertEqual(b"".join(request.writes), data[70_001:220_001])
-
-    def test_done_fires_after_last_write(self) -> None:
-        """``done`` fires with b"" once every byte is written."""
-        producer, request = self.producer_for(payload(1000), 0, 1000)
-        done = producer.start()
-        request.pull_all()
-        self.assertEqual(self.successResultOf(done), b"")
-
-    def test_file_is_closed_when_done(self) -> None:
-        """After the last byte the producer holds no open file."""
-        producer, request = self.producer_for(payload(1000), 0, 1000)
-        producer.start()
-        request.pull_all()
-        self.assertEqual(producer.fd, -1)
-
-    def test_short_file_is_not_padded(self) -> None:
-        """A file shorter than the range ends the writes at its last byte."""
-        data = payload(150_000)
-        producer, request = self.producer_for(data, 100_000, 100_000)
-        producer.start().addErrback(lambda failure: None)
-        request.pull_all()
-        self.assertEqual(b"".join(request.writes), data[100_000:])
-
-    def test_short_file_drops_the_connection(self) -> None:
-        """A file that shrank cuts the response by closing the connection."""
-        producer, request = self.producer_for(payload(150_000), 100_000, 100_000)
-        producer.start().addErrback(lambda failure: None)
-        request.pull_all()
-        self.assertTrue(request.lost)
-
-    def test_short_file_fails_done(self) -> None:
-        """``done`` fails when the file ended early, so the upload is not counted as served."""
-        producer, request = self.producer_for(payload(150_000), 100_000, 100_000)
-        done = producer.start()
-        request.pull_all()
-        self.failureResultOf(done)
-
-    def test_cancel_closes_the_file(self) -> None:
-        """Cancelling ``done`` (the client went away) closes the file."""
-        producer, request = self.producer_for(payload(1 << 20), 0, 1 << 20)
-        done = producer.start()
-        request.producer.resumeProducing()
-        done.cancel()
-        self.failureResultOf(done, CancelledError)
-        self.assertEqual(producer.fd, -1)
-
-    def test_stop_producing_stops_writes(self) -> None:
-        """After stopProducing, asking for more writes nothing."""
-        producer, request = self.producer_for(payload(1 << 20), 0, 1 << 20)
-        producer.start()
-        producer.stopProducing()
-        producer.resumeProducing()
-        self.assertEqual(request.writes, [])
-
-
 class Served:
-    """The real klein resource of the peer daemon over a `StubTreq`, with a hand-pumped cooperator."""
+    """The real klein resource of the peer daemon over a `StubTreq`."""
 
     def __init__(self, testcase: SynchronousTestCase) -> None:
         self.testcase = testcase
         self.clock = Clock()
-        self.coop_clock = Clock()
-        testcase.patch(task, "_theCooperator", Cooperator(scheduler=lambda f: self.coop_clock.callLater(0, f)))
         self.home = Home(testcase.mktemp()).ensure()
         self.store = UploadStore(self.clock)
         engine = PeerEngine(self.clock, None, self.home, uploads=self.store)
@@ -295,12 +162,13 @@ class Served:
         self.store.add(self.held)
 
     def pump(self) -> None:
-        """Move bytes until neither the cooperator nor the connections have work."""
+        """Move bytes until the connections have no work (and paced uploads no credit to wait for)."""
         for _ in range(10_000):
             self.stub.flush()
-            if not self.coop_clock.getDelayedCalls():
+            calls = self.clock.getDelayedCalls()
+            if not calls:
                 return
-            self.coop_clock.advance(0)
+            self.clock.advance(min(call.getTime() for call in calls) - self.clock.seconds())
         raise AssertionError("the response never finished")
 
     def get(self, path: str, byte_range: str | None = None) -> tuple[Any, bytes]:
@@ -431,8 +299,14 @@ class ServeTests(SynchronousTestCase):
         response, body = self.served.get("/peer/file/" + self.served.held.path.replace("/", "%2f"), "bytes=0-9")
         self.assertEqual(response.code, 404)
 
+    def slow_uploads(self, rate: float) -> None:
+        """Pace uploads through an empty bucket, so a response takes clock time."""
+        self.served.store.bucket = TokenBucket(rate, self.served.clock)
+        self.served.store.bucket.charge(int(self.served.store.bucket.burst))
+
     def test_upload_in_progress_counts_as_active(self) -> None:
         """While the body is being sent the store counts one active upload."""
+        self.slow_uploads(1000)
         self.served.stub.get("http://peer.test:65001" + FILE, headers={"Range": "bytes=0-99999"})
         self.served.stub.flush()
         self.assertEqual((self.served.held.uploads, self.served.store.active), (1, 1))
@@ -461,11 +335,15 @@ class ServeTests(SynchronousTestCase):
 
     def test_last_access_is_when_the_upload_ended(self) -> None:
         """A long upload counts as an access at its end, not only at its start."""
-        d = self.served.stub.get("http://peer.test:65001" + FILE, headers={"Range": "bytes=0-99999"})
-        self.served.stub.flush()
-        self.served.clock.advance(30)
-        self.served.finish(d)
-        self.assertEqual(self.served.held.last_access, 30)
+        self.slow_uploads(100_000 / 30)
+        self.served.get(FILE, "bytes=0-99999")
+        self.assertAlmostEqual(self.served.held.last_access, 30, places=6)
+
+    def test_upload_is_paced_by_the_store_bucket(self) -> None:
+        """With an upload limit, the bytes after the burst leave at the bucket's rate."""
+        self.slow_uploads(10_000)
+        response, body = self.served.get(FILE, "bytes=0-99999")
+        self.assertEqual((body, round(self.served.clock.seconds(), 6)), (self.served.data[:100_000], 10.0))
 
     def test_refused_range_does_not_count_as_access(self) -> None:
         """A refused request does not keep a file from expiring."""
@@ -500,10 +378,6 @@ class TruncatedOverHttpTests(SynchronousTestCase):
         )
         channel.makeConnection(transport)
         channel.dataReceived(f"GET {FILE} HTTP/1.1\r\nHost: peer\r\nRange: bytes=100000-199999\r\n\r\n".encode())
-        for _ in range(1000):
-            if not served.coop_clock.getDelayedCalls():
-                break
-            served.coop_clock.advance(0)
         self.flushLoggedErrors(CancelledError)
         head, _, body = transport.value().partition(b"\r\n\r\n")
         kept = served.data[100_000:150_000]

@@ -70,9 +70,15 @@ class Options(usage.Options):
         ["identifier", "i", None, "Task identifier: same URL + identifier = same task (not with --md5)."],
         ["filter", "f", None, "Query keys to ignore for the task identity, e.g. 'sig&expires'."],
         ["timeout", "e", None, "Give up after this long (e.g. 300, 90s, 10m) [default: length/minrate + 10s, or 5m]."],
+        ["locallimit", "s", None,
+         "Bandwidth limit of this download in bytes/s, e.g. 20M, 512K; 0 = unlimited [default: 10M]."],
+        ["totallimit", None, None,
+         "Limit of this host's whole P2P traffic, each way (download and upload), e.g. 40M; "
+         "0 = unlimited. Sets the peer daemon's limit for every download and upload [default: unchanged]."],
         ["minrate", None, None, "Slowest acceptable rate, for the default timeout [default: 64K]."],
         ["home", None, None, "dfly home directory [default: ~/.small-dragonfly]."],
-        ["config", None, DEFAULT_DFGET_CONFIG, "YAML config file with nodes and minRate."],
+        ["config", None, DEFAULT_DFGET_CONFIG,
+         "YAML config file (keys nodes, localLimit, totalLimit, minRate, timeout)."],
     ]
     subCommands = [["server", None, ServerOptions, "Run the peer daemon in the foreground."]]
 
@@ -125,6 +131,8 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
         output = unquote(segments[-1])
     timeout = parse_duration(opts["timeout"]) if opts["timeout"] else file_config.timeout
     min_rate = parse_size(opts["minrate"]) if opts["minrate"] else file_config.min_rate
+    local_limit = _limit(opts["locallimit"], "locallimit") if opts["locallimit"] else file_config.local_limit
+    total_limit = _limit(opts["totallimit"], "totallimit") if opts["totallimit"] else file_config.total_limit
     return DownloadRequest(
         url=url,
         output=storage.check_output(output),
@@ -138,7 +146,16 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
         timeout=timeout,
         min_rate=min_rate,
         back_source=not opts["notbs"],
+        local_limit=local_limit,
+        total_limit=total_limit,
     )
+
+
+def _limit(value: str, flag: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise ValueError(f"--{flag}: {e}") from None
 
 
 class ClientLog:

@@ -31,6 +31,7 @@ from dfly import codes
 from dfly.config import Home, format_node
 from dfly.logs import CLIENT_NAMESPACE
 from dfly.pieces import DEFAULT_PIECE_SIZE, parse_range
+from dfly.ratelimit import HostLimit, TokenBucket, describe_limit
 from dfly.source import SourceClient, SourceError, abort_body
 from dfly.stream import BodyWriter, RunBlocking, StreamError, WriteError, thread_runner
 from dfly.peer import storage
@@ -96,6 +97,7 @@ class _Run:
     watchdog: Any = None  # IDelayedCall that cancels the fetch at the deadline
     registered: tuple[tuple[str, int], str, str] | None = None  # node, task id, cid
     held: HeldFile | None = None  # what the uploader serves of this download
+    bucket: TokenBucket | None = None  # --locallimit, inside the host's --totallimit
 
     def open(self) -> int:
         if self.fd is not None:
@@ -127,6 +129,7 @@ class PeerEngine:
     source: SourceClient = attrs.field(default=None)
     run_blocking: RunBlocking = attrs.field(default=None)  # where hashing and disk writes run
     uploads: UploadStore | None = None  # None: this engine serves no pieces (no uploader)
+    limit: HostLimit = attrs.field(default=None)  # --totallimit, shared with the uploader
     active: int = 0
     last_active: float = 0.0  # when the last download ended (for the daemon's idle exit)
 
@@ -135,6 +138,8 @@ class PeerEngine:
             self.source = SourceClient(self.http, self.reactor)
         if self.run_blocking is None:
             self.run_blocking = thread_runner(self.reactor)
+        if self.limit is None:
+            self.limit = HostLimit(0, self.reactor)
 
     def download(self, req: DownloadRequest, emit: Emit = lambda event: None) -> Deferred[DownloadResult]:
         """Run one download to its end; fires with the result (failures too).
@@ -148,6 +153,11 @@ class PeerEngine:
         run = _Run(req, os.path.join(self.home.data, storage.working_name(req.output, req.sign)), emit)
         run.timeout = req.timeout or DEFAULT_TIMEOUT
         run.started = started
+        if req.total_limit is not None and req.total_limit != self.limit.rate:
+            self.limit.set_rate(req.total_limit)
+            log.info("host limit (--totallimit) now {limit} each way", limit=describe_limit(req.total_limit),
+                     sign=req.sign)
+        run.bucket = TokenBucket(req.local_limit, self.reactor, parent=self.limit.rx)
         self.active += 1
         fetch = Deferred.fromCoroutine(self._fetch(run))
 
@@ -248,7 +258,9 @@ class PeerEngine:
         if length >= 0 and run.fd is not None:
             os.ftruncate(run.fd, length)
         if length >= 0 and not run.req.timeout:
-            run.timeout = length / max(run.req.min_rate, 1) + 10
+            # A download limited below --minrate must not time out by its own limit.
+            rates = [rate for rate in (run.req.min_rate, run.req.local_limit) if rate > 0]
+            run.timeout = length / max(min(rates, default=1), 1) + 10
             elapsed = self.reactor.seconds() - run.started
             if run.watchdog.active():
                 run.watchdog.reset(max(run.timeout - elapsed, 0))
@@ -510,7 +522,7 @@ class PeerEngine:
             raise _PieceFailed(kind, f"{host}:{port} answered {response.code} to range {start}-{end}")
         digests: list[str] = []
         writer = BodyWriter(run.fd, start, length, length, lambda i, n, d: digests.append(d), self.reactor,
-                            self.idle_timeout, self.run_blocking)
+                            self.idle_timeout, self.run_blocking, run.bucket)
         response.deliverBody(writer)
         try:
             await writer.done
@@ -544,7 +556,7 @@ class PeerEngine:
             run.emit({"event": "progress", "done": run.done, "total": run.length})
 
         writer = BodyWriter(run.fd, 0, DEFAULT_PIECE_SIZE, opened.length, progress, self.reactor, self.idle_timeout,
-                            self.run_blocking)
+                            self.run_blocking, run.bucket)
         opened.response.deliverBody(writer)
         try:
             total = await writer.done

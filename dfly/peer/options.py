@@ -12,7 +12,14 @@ import attrs
 from twisted.python import usage
 
 import dfly
-from dfly.config import check_ip, default_home, parse_duration
+from dfly.config import (
+    DEFAULT_DFGET_CONFIG,
+    check_ip,
+    default_home,
+    load_dfget_config,
+    parse_duration,
+    parse_size,
+)
 
 
 @attrs.frozen
@@ -23,6 +30,7 @@ class PeerConfig:
     ip: str | None = None
     alivetime: float = 300.0
     expiretime: float = 180.0
+    total_limit: int = 0  # bytes/s each way for the whole host; 0 = unlimited
 
 
 class Options(usage.Options):
@@ -39,6 +47,10 @@ class Options(usage.Options):
         ["ip", None, None, "IP to advertise to the supernode [default: the address that reaches it]."],
         ["alivetime", None, "5m", "Exit after this long without downloads or uploads (e.g. 90s, 5m; 0 = never)."],
         ["expiretime", None, "3m", "Keep serving a downloaded file until nobody asked for it for this long."],
+        ["totallimit", None, None,
+         "Limit of this host's P2P traffic in bytes/s, each way (downloads and uploads), e.g. 40M; 0 = unlimited "
+         "[default: totalLimit from --config, else 0]. A dfget run given --totallimit changes it."],
+        ["config", None, DEFAULT_DFGET_CONFIG, "dfget.yml to take totalLimit from (optional at the default path)."],
     ]
 
     def opt_version(self) -> None:
@@ -47,6 +59,14 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
+            config_path = self["config"]
+            file_config = load_dfget_config(config_path, required=config_path != DEFAULT_DFGET_CONFIG)
+            total_limit = file_config.total_limit
+            if self["totallimit"]:
+                try:
+                    total_limit = parse_size(self["totallimit"])
+                except ValueError as e:
+                    raise ValueError(f"--totallimit: {e}") from None
             port = self["port"]
             if not port.isdigit() or int(port) > 65535:
                 raise ValueError(f"invalid --port {port!r}: expected 0-65535")
@@ -57,6 +77,7 @@ class Options(usage.Options):
                 ip=check_ip(self["ip"]) if self["ip"] else None,
                 alivetime=parse_duration(self["alivetime"]),
                 expiretime=parse_duration(self["expiretime"]),
+                total_limit=total_limit or 0,
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import attrs
 
 from dfly import codes
-from dfly.config import format_node, parse_nodes, parse_size
+from dfly.config import DEFAULT_LOCAL_LIMIT, format_node, parse_nodes, parse_size
 from dfly.pieces import is_md5, parse_digest, parse_filter
 from dfly.urls import check_url, parse_header_lines
 
@@ -33,6 +33,8 @@ class DownloadRequest:
     timeout: float = 0.0  # 0: from the length and min_rate
     min_rate: int = 64 << 10
     back_source: bool = True
+    local_limit: int = DEFAULT_LOCAL_LIMIT  # bytes/s for this download; 0 = unlimited
+    total_limit: int | None = None  # set the host's --totallimit; None = leave it as it is
 
 
 @attrs.frozen
@@ -94,6 +96,8 @@ def request_to_json(req: DownloadRequest) -> dict[str, Any]:
         "timeout": req.timeout,
         "minRate": req.min_rate,
         "notbs": not req.back_source,
+        "localLimit": req.local_limit,
+        "totalLimit": req.total_limit,
     }
 
 
@@ -133,6 +137,8 @@ def request_from_json(body: Mapping[str, Any]) -> DownloadRequest:
             timeout=float(timeout),
             min_rate=parse_size(body.get("minRate", 64 << 10)),
             back_source=not body.get("notbs", False),
+            local_limit=parse_size(body.get("localLimit", DEFAULT_LOCAL_LIMIT)),
+            total_limit=None if body.get("totalLimit") is None else parse_size(body["totalLimit"]),
         )
     except TypeError as e:
         raise ValueError(str(e)) from None

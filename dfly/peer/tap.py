@@ -33,6 +33,7 @@ from dfly.peer.localapi import LocalApi
 from dfly.peer.storage import remove_quietly
 from dfly.peer.uploader import UploadStore
 from dfly.peer.options import Options, PeerConfig
+from dfly.ratelimit import HostLimit, describe_limit
 from dfly.services import ListeningService, LogObserverService
 
 log = Logger(namespace="dfly.peer")
@@ -95,7 +96,9 @@ class PeerDaemon(Service):
     def _publish(self, port: Any) -> Any:
         self.engine.port = port.getHost().port
         write_host_meta(self.home, self.engine.port, self.token, dfly.__version__)
-        log.info("peer daemon {pid} serving on port {port}, home {home}", pid=os.getpid(), port=self.engine.port, home=self.home.root)
+        log.info("peer daemon {pid} serving on port {port}, home {home}, host limit (--totallimit) {limit} each way",
+                 pid=os.getpid(), port=self.engine.port, home=self.home.root,
+                 limit=describe_limit(self.engine.limit.rate))
         return port
 
     def collect(self) -> None:
@@ -161,8 +164,9 @@ def build_service(config: PeerConfig, reactor: Any, on_idle: Callable[[], None] 
     home = Home(config.home)
     home.ensure()
     http, pool = make_http_client(reactor)
-    uploads = UploadStore(reactor)
-    engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads)
+    limit = HostLimit(config.total_limit, reactor)
+    uploads = UploadStore(reactor, limit.tx)
+    engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads, limit=limit)
     token = secrets.token_hex(16)
     endpoint = (TCP6ServerEndpoint if ":" in config.listen else TCP4ServerEndpoint)(
         reactor, config.port, interface=config.listen

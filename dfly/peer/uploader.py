@@ -3,8 +3,9 @@
 ``GET /peer/file/<taskId>`` with ``Range: bytes=s-e``.  Files are found by
 task id in `UploadStore`, never by a client-supplied path, and only ranges
 inside pieces whose sha256 matched are served, so a peer never passes on
-bytes it has not verified.  Bytes leave through a pull producer that reads
-64 KiB at a time, so memory stays flat however many peers pull.
+bytes it has not verified.  Bytes leave through `FileRangeProducer`, 64 KiB
+at a time and paced by the host's upload bucket (``--totallimit``), so memory
+stays flat however many peers pull.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dfly.pieces import is_task_id
+from dfly.ratelimit import TokenBucket, send_range
 
 log = Logger(namespace="dfly.peer.uploader")
 
-CHUNK = 64 * 1024
 _RANGE = re.compile(r"\Abytes=(\d{1,19})-(\d{1,19})\Z")
 
 
@@ -48,10 +49,6 @@ class HeldFile:
         return span is not None and span[0] <= start and end <= span[1]
 
 
-class FileShrank(Exception):
-    """The file on disk is shorter than a piece we verified: cut the response short."""
-
-
 class UploadError(Exception):
     def __init__(self, status: int, msg: str, length: int = -1) -> None:
         super().__init__(msg)
@@ -65,6 +62,7 @@ class UploadStore:
     """The files this peer serves, by task id."""
 
     clock: IReactorTime
+    bucket: TokenBucket | None = None  # the host's upload limit
     files: dict[str, list[HeldFile]] = attrs.Factory(dict)
     active: int = 0  # uploads in progress
     last_upload: float = 0.0
@@ -135,67 +133,7 @@ class UploadStore:
             self.last_upload = held.last_access = self.clock.seconds()
             return result
 
-        def cut_short(failure: Any) -> bytes:
-            # The connection is already being dropped: the receiver sees a short
-            # body.  Writing an error now would append it to the 206 bytes.
-            failure.trap(FileShrank)
-            log.warn("{path} shrank while serving task {task_id}", path=held.path, task_id=task_id)
-            return b""
-
-        producer = RangeProducer(request, fd, start, end - start + 1)
-        return producer.start().addBoth(finished).addErrback(cut_short)
-
-
-class RangeProducer:
-    """Pull producer: the transport asks, we read the next 64 KiB and write it.
-
-    ``done`` fires with b"" once every byte is written (klein then finishes the
-    response); cancelling it (client gone) stops reading and closes the file.
-    """
-
-    def __init__(self, request: IRequest, fd: int, offset: int, length: int) -> None:
-        self.request = request
-        self.fd = fd
-        self.offset = offset
-        self.remaining = length
-        self.done: Deferred[bytes] = Deferred(self._cancel)
-
-    def start(self) -> Deferred[bytes]:
-        self.request.registerProducer(self, False)
-        return self.done
-
-    def resumeProducing(self) -> None:
-        if self.fd < 0:
-            return
-        try:
-            data = os.pread(self.fd, min(CHUNK, self.remaining), self.offset)
-        except OSError as e:
-            self._close()
-            self.request.unregisterProducer()
-            self.done.errback(e)
-            return
-        if not data:
-            # The file shrank under us: never pad, cut the response short.
-            self._close()
-            self.request.unregisterProducer()
-            self.request.loseConnection()
-            self.done.errback(FileShrank("file shorter than the verified piece"))
-            return
-        self.offset += len(data)
-        self.remaining -= len(data)
-        self.request.write(data)
-        if self.remaining <= 0:
-            self._close()
-            self.request.unregisterProducer()
-            self.done.callback(b"")
-
-    def stopProducing(self) -> None:
-        self._close()
-
-    def _cancel(self, d: Deferred[bytes]) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        # klein finishes the response with b""; after a failure the connection
+        # is already dropped (the client sees a short body), never an error text.
+        sent = send_range(request, fd, start, end - start + 1, self.clock, self.bucket)
+        return sent.addBoth(finished).addBoth(lambda _: b"")

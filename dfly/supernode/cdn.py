@@ -3,7 +3,9 @@
 Layout: ``<home>/repo/download/<id[:3]>/<id>`` holds the raw bytes of a task
 (piece n at offset n * pieceSize) and ``<id>.meta`` a JSON record of where
 they came from.  The download port serves only those data files, by Range,
-so nginx pointed at ``<home>/repo`` could do the same job at scale.
+so nginx pointed at ``<home>/repo`` could do the same job at scale (but
+without ``--max-upload-bandwidth``: here every response draws from one upload
+bucket, so the CDN's egress has a limit, which Dragonfly's nginx never had).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import re
 from typing import Any
 
 import attrs
-from twisted.web import resource, static
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import resource
 from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET
 
 from dfly.pieces import is_task_id, piece_count
+from dfly.ratelimit import TokenBucket, send_range
 
 META_VERSION = 1
 
@@ -130,18 +135,46 @@ class CdnCache:
 
 
 _PREFIX = re.compile(r"\A[0-9a-f]{3}\Z")
+_RANGE = re.compile(r"\Abytes=(\d{1,19})?-(\d{1,19})?\Z")
+
+
+def parse_byte_range(header: bytes | None, size: int) -> tuple[int, int] | None:
+    """The (start, end) a single ``Range`` asks for, clipped to ``size``.
+
+    None means "send the whole file": no header, or one we may ignore
+    (several ranges, or not valid syntax).  A range that starts at or after
+    the end raises `ValueError` (416).
+    """
+    match = _RANGE.match((header or b"").decode("latin-1").strip())
+    if match is None or (match.group(1) is None and match.group(2) is None):
+        return None
+    first, last = match.group(1), match.group(2)
+    if first is None:  # suffix: the last N bytes
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise ValueError("empty suffix range")
+        return max(size - suffix, 0), size - 1
+    start = int(first)
+    end = size - 1 if last is None else min(int(last), size - 1)
+    if last is not None and int(last) < start:
+        return None  # invalid syntax: ignored
+    if start >= size:
+        raise ValueError("range starts past the end")
+    return start, end
 
 
 class CdnFiles(resource.Resource):
-    """``GET /download/<id[:3]>/<id>`` with Range, nothing else.
+    """``GET /download/<id[:3]>/<id>`` (optionally with one Range), nothing else.
 
     Meta files and directory listings are never served: only paths shaped
     like a task's data file resolve, so no request can walk the disk.
     """
 
-    def __init__(self, cache: CdnCache) -> None:
+    def __init__(self, cache: CdnCache, clock: IReactorTime | None = None, bucket: TokenBucket | None = None) -> None:
         super().__init__()
         self._cache = cache
+        self._bucket = bucket
+        self._clock = clock if clock is not None else (bucket.clock if bucket is not None else None)
 
     def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
         rest = [path] + list(request.postpath)
@@ -158,11 +191,65 @@ class CdnFiles(resource.Resource):
         path = self._cache.data_path(task_id)
         if not os.path.isfile(path):
             return resource.NoResource("no such task")
-        file = static.File(path, defaultType="application/octet-stream")
-        file.isLeaf = True
-        return file
+        return _CachedFile(path, self._clock, self._bucket)
 
     def render_GET(self, request: IRequest) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain")
         return b"dfly CDN: GET /download/<id[:3]>/<id> with a Range header\n"
+
+
+class _CachedFile(resource.Resource):
+    """One data file: the whole of it or one range, sent through the CDN's upload bucket."""
+
+    isLeaf = True
+
+    def __init__(self, path: str, clock: IReactorTime | None, bucket: TokenBucket | None) -> None:
+        super().__init__()
+        self._path = path
+        self._clock = clock
+        self._bucket = bucket
+
+    def render_HEAD(self, request: IRequest) -> bytes:
+        opened = self._open(request)
+        if isinstance(opened, tuple):
+            os.close(opened[0])
+        return b""
+
+    def render_GET(self, request: IRequest) -> bytes | int:
+        opened = self._open(request)
+        if not isinstance(opened, tuple):
+            return opened
+        fd, start, length = opened
+        send_range(request, fd, start, length, self._clock, self._bucket).addCallbacks(
+            lambda _: request.finish(), lambda _: None  # a failure already dropped the connection
+        )
+        return NOT_DONE_YET
+
+    def _open(self, request: IRequest) -> tuple[int, int, int] | bytes:
+        """Set status and headers; (fd, start, length) to send, or the body of a refusal."""
+        request.setHeader(b"accept-ranges", b"bytes")
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except OSError:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain")
+            return b"task file is gone\n"
+        size = os.fstat(fd).st_size
+        try:
+            span = parse_byte_range(request.getHeader(b"range"), size)
+        except ValueError:
+            os.close(fd)
+            request.setResponseCode(416)
+            request.setHeader(b"content-range", f"bytes */{size}".encode())
+            return b""
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if span is None:
+            request.setResponseCode(200)
+            start, length = 0, size
+        else:
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", f"bytes {span[0]}-{span[1]}/{size}".encode())
+            start, length = span[0], span[1] - span[0] + 1
+        request.setHeader(b"content-length", str(length).encode())
+        return fd, start, length

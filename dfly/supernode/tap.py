@@ -13,6 +13,7 @@ import attrs
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
@@ -24,16 +25,19 @@ from dfly.config import (
     check_ip,
     load_supernode_config,
     parse_duration,
+    parse_size,
 )
 from dfly.httpclient import make_http_client
 from dfly.logs import line_observer, open_log
 from dfly.services import ListeningService, LogObserverService
+from dfly.ratelimit import TokenBucket, describe_limit
 from dfly.source import SourceClient
 from dfly.stream import thread_runner
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
 from dfly.supernode.tasks import TaskManager
 
+log = Logger(namespace="dfly.supernode")
 
 #: How often silent peers are looked for.
 SWEEP_INTERVAL = 2.0
@@ -54,6 +58,10 @@ class Options(usage.Options):
         ["advertise-ip", None, None, "IP that peers use to reach the CDN port [default: the address each peer reached the API on]."],
         ["fail-access-interval", None, None, "How long a 404 source is remembered [default: 3m]."],
         ["poll-timeout", None, None, "How long a pull with nothing ready is held open [default: 5s]."],
+        ["max-bandwidth", None, None,
+         "Limit of all source fetches together, in bytes/s (e.g. 200M; 0 = unlimited) [default: 0]."],
+        ["max-upload-bandwidth", None, None,
+         "Limit of all CDN uploads to peers together, in bytes/s (e.g. 100M; 0 = unlimited) [default: 0]."],
     ]
 
     def opt_version(self) -> None:
@@ -92,6 +100,10 @@ def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
         changes["fail_access_interval"] = parse_duration(options["fail-access-interval"])
     if options["poll-timeout"] is not None:
         changes["poll_timeout"] = parse_duration(options["poll-timeout"])
+    if options["max-bandwidth"] is not None:
+        changes["max_bandwidth"] = parse_size(options["max-bandwidth"])
+    if options["max-upload-bandwidth"] is not None:
+        changes["max_upload_bandwidth"] = parse_size(options["max-upload-bandwidth"])
     config = attrs.evolve(config, **changes)
     return attrs.evolve(config, home=os.path.abspath(os.path.expanduser(config.home)))
 
@@ -99,7 +111,8 @@ def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
 class _Supernode(Service):
     """Owns the task state and the HTTP pool; sweeps silent peers; stops both cleanly."""
 
-    def __init__(self, tasks: TaskManager, pool: HTTPConnectionPool, clock: Any) -> None:
+    def __init__(self, tasks: TaskManager, pool: HTTPConnectionPool, clock: Any, config: SupernodeFileConfig) -> None:
+        self.config = config
         self.tasks = tasks
         self.pool = pool
         self._sweep = LoopingCall(tasks.sweep)
@@ -107,6 +120,10 @@ class _Supernode(Service):
 
     def startService(self) -> None:
         super().startService()
+        log.info(
+            "bandwidth limits: source fetches {fetch}, CDN uploads {upload}",
+            fetch=describe_limit(self.config.max_bandwidth), upload=describe_limit(self.config.max_upload_bandwidth),
+        )
         self._sweep.start(SWEEP_INTERVAL, now=False)
 
     def stopService(self) -> Any:
@@ -142,18 +159,19 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
         fail_access_interval=config.fail_access_interval,
         poll_timeout=config.poll_timeout,
         run_blocking=thread_runner(reactor),
+        source_bucket=TokenBucket(config.max_bandwidth, reactor),
     )
     api = SupernodeApi(tasks, config.download_port, config.advertise_ip)
     top = MultiService()
     log_file = open_log(os.path.join(config.home, "logs", "supernode.log"))
     LogObserverService(line_observer(log_file, str(os.getpid())), log_file.close).setServiceParent(top)
-    _Supernode(tasks, pool, reactor).setServiceParent(top)
+    _Supernode(tasks, pool, reactor, config).setServiceParent(top)
     api_listener = ListeningService(
         _endpoint(reactor, config.port, config.listen), Site(api.resource()), "register API"
     )
     cdn_listener = ListeningService(
         _endpoint(reactor, config.download_port, config.listen),
-        Site(CdnFiles(cache)),
+        Site(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor))),
         "CDN",
     )
     # Peers must be told the CDN port actually bound (it may have been 0).

@@ -22,6 +22,7 @@ from dfly import codes
 from dfly.jsonapi import ApiError
 from dfly.pieces import format_range, piece_count, piece_range, piece_size_for
 from dfly.source import SourceClient, SourceError, SourceResponse, abort_body
+from dfly.ratelimit import TokenBucket
 from dfly.stream import BodyWriter, RunBlocking, run_inline
 from dfly.supernode import scheduler
 from dfly.supernode.cdn import CacheMeta, CdnCache
@@ -134,6 +135,7 @@ class TaskManager:
     poll_timeout: float = 5.0
     idle_timeout: float = 30.0
     run_blocking: RunBlocking = run_inline  # where hashing and disk writes run
+    source_bucket: TokenBucket | None = None  # --max-bandwidth, shared by every source fetch
     tasks: dict[str, Task] = attrs.Factory(dict)
     _opening: dict[str, Deferred[Task]] = attrs.Factory(dict)
     _unreachable: dict[str, tuple[float, str]] = attrs.Factory(dict)
@@ -260,7 +262,7 @@ class TaskManager:
             task.changed()
 
         writer = BodyWriter(fd, 0, task.piece_size, task.length, piece_ready, self.clock, self.idle_timeout,
-                            self.run_blocking)
+                            self.run_blocking, self.source_bucket)
         task.fetch = writer.done
         opened.response.deliverBody(writer)
 
