@@ -23,6 +23,7 @@ single ``callLater`` for the moment its credit is back.
 
 from __future__ import annotations
 
+import math
 import os
 
 from twisted.internet.defer import Deferred
@@ -42,8 +43,7 @@ CHUNK = 64 * 1024
 BURST_SECONDS = 0.1
 #: No bucket holds less than this, so one `CHUNK` can always be reserved.
 MIN_BURST = 2 * CHUNK
-#: Credit within this many bytes of a request counts as enough, so float
-#: rounding never turns a wait into a second, near-zero wait.
+#: Credit within this many bytes of a request counts as enough (see `_slack`).
 _SLACK = 1e-6
 
 
@@ -112,7 +112,7 @@ class TokenBucket:
         for bucket in chain:
             bucket._refill()
             missing = n - bucket._tokens
-            if missing > _SLACK:
+            if missing > bucket._slack():
                 wait = max(wait, missing / bucket.rate)
         if wait > 0:
             return wait
@@ -126,9 +126,18 @@ class TokenBucket:
         for bucket in self.chain():
             bucket._refill()
             bucket._tokens -= n
-            if bucket._tokens < -_SLACK:
+            if bucket._tokens < -bucket._slack():
                 wait = max(wait, -bucket._tokens / bucket.rate)
         return wait
+
+    def _slack(self) -> float:
+        """Bytes the refill may be short by through float rounding of the clock.
+
+        A reactor's clock is a Unix time (~1.8e9 s, resolution ~2.4e-7 s), so
+        ``elapsed * rate`` can miss by ``rate`` times that; a shortfall that
+        small would otherwise ask for a wait the clock cannot even express.
+        """
+        return max(_SLACK, 4 * math.ulp(self._stamp) * self.rate)
 
     def _refill(self) -> None:
         now = self.clock.seconds()

@@ -130,8 +130,7 @@ class BodyWriter(Protocol):
             self._hand_over()
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._idle_timeout)
-        if self._bucket is not None:
-            self._charge(len(data))
+        self._charge(len(data))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._stop_timer()
@@ -176,7 +175,9 @@ class BodyWriter(Protocol):
             self._pause("queue")
 
     def _charge(self, n: int) -> None:
-        wait = self._bucket.charge(n) if self._bucket is not None else 0.0
+        if self._bucket is None or self._error is not None or self.done.called:
+            return  # a failed stream has stopped its transport: nothing to pace
+        wait = self._bucket.charge(n)
         if wait <= 0:
             return
         self._pause("rate")
@@ -213,6 +214,8 @@ class BodyWriter(Protocol):
             self.done.callback(self.received)
 
     def _pause(self, reason: str) -> None:
+        if self._error is not None:
+            return  # _fail stopped the transport for good
         if not self._paused and self.transport is not None:
             self.transport.pauseProducing()
         self._paused.add(reason)

@@ -31,6 +31,7 @@ from dfly.httpclient import make_http_client
 from dfly.logs import CLIENT_NAMESPACE
 from dfly.peer.engine import DownloadRequest, DownloadResult, PeerEngine
 from dfly.pieces import MiB
+from dfly.ratelimit import TokenBucket
 from dfly.supernode.tap import SupernodeParts, build_service
 from tests.loopback import ClosingFactory
 
@@ -538,3 +539,48 @@ class BackToSourceTests(IntegrationTestCase):
         file = self.serve("f.bin", os.urandom(4 * MiB + 7))
         req = self.request(file.url, nodes=())
         self.assertDownloaded(await self.download(req), req, file, reason=codes.REASON_NO_NODE)
+
+
+class LimitTests(IntegrationTestCase):
+    """Limited downloads are paced by their buckets on real sockets.
+
+    The checks are lower bounds that follow from the bucket's arithmetic (a
+    bucket cannot release more than its burst plus rate x elapsed), so a slow
+    machine cannot fail them; only a download that was not paced can.
+    """
+
+    RATE = 1 << 20
+    SIZE = 2 << 20
+
+    async def timed_download(self, req: DownloadRequest, file: Served) -> float:
+        started = reactor.seconds()
+        result = await self.download(req)
+        self.assertDownloaded(result, req, file)
+        return reactor.seconds() - started
+
+    async def test_locallimit_paces_the_download(self) -> None:
+        """At --locallimit 1M a 2 MiB download takes at least (2 MiB - burst) / 1 MiB/s."""
+        file = self.serve("f.bin", os.urandom(self.SIZE))
+        await self.start_supernode()
+        elapsed = await self.timed_download(self.request(file.url, local_limit=self.RATE), file)
+        burst = TokenBucket(self.RATE, reactor).burst
+        self.assertGreaterEqual(elapsed, (self.SIZE - burst) / self.RATE)
+
+    async def test_totallimit_paces_an_unlimited_download_and_stays_set(self) -> None:
+        """A request's --totallimit becomes the host's limit, which paces even an unlimited download."""
+        file = self.serve("f.bin", os.urandom(self.SIZE))
+        await self.start_supernode()
+        elapsed = await self.timed_download(self.request(file.url, local_limit=0, total_limit=self.RATE), file)
+        burst = TokenBucket(self.RATE, reactor).burst
+        self.assertGreaterEqual(elapsed, (self.SIZE - burst) / self.RATE)
+        self.assertEqual((self.engine.limit.rx.rate, self.engine.limit.tx.rate), (self.RATE, self.RATE))
+
+    async def test_back_to_source_is_paced_too(self) -> None:
+        """Without a supernode the source download is paced by the same --locallimit."""
+        file = self.serve("f.bin", os.urandom(self.SIZE))
+        req = self.request(file.url, nodes=(), local_limit=self.RATE)
+        started = reactor.seconds()
+        result = await self.download(req)
+        self.assertDownloaded(result, req, file, codes.REASON_NO_NODE)
+        burst = TokenBucket(self.RATE, reactor).burst
+        self.assertGreaterEqual(reactor.seconds() - started, (self.SIZE - burst) / self.RATE)
