@@ -15,9 +15,11 @@ class ExampleConfigTests(SynchronousTestCase):
         config = load_dfget_config(os.path.join(ETC, "dfget.yml"), required=True)
         self.assertEqual(config.nodes, (("127.0.0.1", 8002),))
         self.assertEqual(config.min_rate, 64 * 1024)
+        self.assertEqual((config.local_limit, config.total_limit), (10 << 20, None))
 
     def test_supernode_example_loads(self) -> None:
         """etc/supernode.yml parses with the documented default ports."""
         config = load_supernode_config(os.path.join(ETC, "supernode.yml"), required=True)
         self.assertEqual((config.port, config.download_port), (8002, 8001))
         self.assertEqual(config.fail_access_interval, 180.0)
+        self.assertEqual((config.max_bandwidth, config.max_upload_bandwidth), (0, 0))
