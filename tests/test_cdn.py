@@ -1,10 +1,9 @@
 """The supernode's piece cache on disk and the CDN file resource over it.
 
-Served files go through `DummyRequest`: `static.File` streams with a pull
-producer, which behind `StubTreq` is driven by the global reactor's
-cooperator (twisted.web.http's `_PullToPush`) and so never runs in a
-synchronous test.  Refusals render synchronously, so those also go through
-`StubTreq` to get Site's real path parsing (percent-decoding, dot segments).
+Served files go through `DummyRequest`, which drives the (unlimited) range
+producer to the end as soon as it registers.  Refusals also go through
+`StubTreq` to get Site's real path parsing (percent-decoding, dot segments);
+paced responses are in tests/test_limits.py.
 """
 
 from __future__ import annotations

@@ -566,8 +566,6 @@ class PullTests(SupernodeApiTestCase):
     def test_pulled_piece_is_served_by_the_cdn_with_its_digest(self) -> None:
         """The CDN resource serves the pulled path and range, and its bytes match the pieceDigest."""
         piece = self.pull(self.tid).data[1]
-        # DummyRequest, not StubTreq: static.File's pull producer needs the
-        # global reactor's cooperator behind StubTreq (see tests/test_cdn.py).
         request = DummyRequest(piece["path"].encode().lstrip(b"/").split(b"/"))
         request.requestHeaders.setRawHeaders(b"range", [f"bytes={piece['range']}".encode()])
         child = getChildForRequest(CdnFiles(self.cache), request)
