@@ -123,6 +123,21 @@ class ProcessTestCase(TestCase):
         self.assertIn('"dstCid": "cdnnode:', client_log)
         self.assertRegex(client_log, r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO sign:\d+-\d+\.\d{3} : download SUCCESS")
 
+    async def test_limits_reach_the_peer_daemon(self) -> None:
+        """-s and --totallimit are accepted, and the daemon takes the host limit from the run."""
+        output = os.path.join(self.work, "limited.bin")
+        out, err, code = await self.dfget("-u", self.url, "-o", output, "--node", self.node,
+                                          "-s", "64M", "--totallimit", "48M")
+        self.assertEqual(code, 0, out + err)
+        with open(os.path.join(self.home, "logs", "dfclient.log")) as f:
+            self.assertIn("host limit (--totallimit) now 48.0 MiB/s each way", f.read())
+
+    async def test_bad_limit_is_a_one_line_error(self) -> None:
+        """A limit that is not a size: one line naming the flag, exit 2, nothing downloaded."""
+        out, err, code = await self.dfget("-u", self.url, "-o", os.path.join(self.work, "x"), "-s", "fast")
+        self.assertEqual((code, err.decode().splitlines()[0]),
+                         (2, "dfget: error: --locallimit: invalid size 'fast': use a number with an optional K, M or G suffix, e.g. 10M"))
+
     async def test_second_dfget_reuses_the_peer_daemon(self) -> None:
         """A second run finds the daemon through host.meta instead of starting another."""
         await self.dfget("-u", self.url, "-o", os.path.join(self.work, "a.bin"), "--node", self.node)
