@@ -584,3 +584,16 @@ class LimitTests(IntegrationTestCase):
         self.assertDownloaded(result, req, file, codes.REASON_NO_NODE)
         burst = TokenBucket(self.RATE, reactor).burst
         self.assertGreaterEqual(reactor.seconds() - started, (self.SIZE - burst) / self.RATE)
+
+    async def test_concurrent_downloads_share_the_host_limit(self) -> None:
+        """Two unlimited downloads under one 1 MiB/s host limit take as long as both files at that rate."""
+        first, second = self.serve("a.bin", os.urandom(self.SIZE // 2)), self.serve("b.bin", os.urandom(self.SIZE // 2))
+        await self.start_supernode()
+        self.engine.limit.set_rate(self.RATE)
+        reqs = [self.request(file.url, local_limit=0) for file in (first, second)]
+        started = reactor.seconds()
+        results = await gatherResults([self.engine.download(req) for req in reqs])
+        for result, req, file in zip(results, reqs, (first, second)):
+            self.assertEqual((result.success, sha256_file(req.output)), (True, file.sha256), result.line())
+        burst = self.engine.limit.rx.burst
+        self.assertGreaterEqual(reactor.seconds() - started, (self.SIZE - burst) / self.RATE)
