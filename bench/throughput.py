@@ -11,7 +11,8 @@ What it does, for each run:
    one curl from ``python -m http.server`` and from ``twistd web`` and keeps the
    faster);
 2. **direct**: ``curl -sf -o OUT URL``;
-3. **cold**: a fresh ``twistd supernode`` (empty cache) and ``dfget -u URL``
+3. **cold**: a fresh ``twistd supernode`` (empty cache) and ``dfget -u URL
+   --locallimit 0`` (unlimited: the default 10M would measure the limit)
    through it: the supernode fetches from the origin while the peer pulls pieces;
 4. **warm**: the same supernode again (every piece cached), a new output file;
 5. reads the high-water mark of resident memory (``VmHWM`` in /proc/PID/status)
@@ -181,7 +182,8 @@ def one_run(n: int, url: str, size: int, digest: str, work: str) -> dict[str, fl
               f"supernode pid {supernode.pid}")
         for phase in ("cold", "warm"):
             out = os.path.join(run_dir, f"{phase}.bin")
-            seconds, done = timed([*DFGET, "-u", url, "-o", out, "--node", f"{HOST}:{api}", "--home", home])
+            seconds, done = timed([*DFGET, "-u", url, "-o", out, "--node", f"{HOST}:{api}", "--home", home,
+                                   "--locallimit", "0"])
             check(done, out, digest, f"dfget ({phase})")
             os.unlink(out)
             result[phase] = size / MIB / seconds
