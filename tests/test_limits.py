@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from dfly.config import DEFAULT_LOCAL_LIMIT, SupernodeFileConfig, load_dfget_config, load_supernode_config
@@ -230,3 +232,58 @@ class ProducerInterfaceTests(SynchronousTestCase):
         producer = FileRangeProducer(None, fd, 0, 0, Clock())  # type: ignore[arg-type]
         self.addCleanup(os.close, fd)
         self.assertTrue(verifyObject(IPushProducer, producer))
+
+
+class ChannelPacingTests(SynchronousTestCase):
+    """A paced CDN response through a real HTTPChannel on a MemoryReactorClock.
+
+    The transport's back-pressure (HTTPChannel.pauseProducing, as TCP calls
+    it when its send buffer is full) and the bucket both hold the producer;
+    the response goes on only when both let it.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        cache = CdnCache(self.mktemp())
+        self.data = os.urandom(1 * MiB)
+        fd = cache.open_for_write(TID)
+        os.write(fd, self.data)
+        os.close(fd)
+        self.bucket = TokenBucket(256 << 10, self.reactor)
+        site = Site(CdnFiles(cache, self.reactor, self.bucket), reactor=self.reactor)
+        self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8001))
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def body_bytes(self) -> int:
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        return len(body)
+
+    def get(self) -> None:
+        path = CdnCache.url_path(TID)
+        self.channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: cdn\r\nRange: bytes=0-524287\r\n\r\n".encode())
+
+    def test_burst_then_one_chunk_per_credit(self) -> None:
+        """The burst leaves at once, then each 64 KiB waits for its credit on the reactor's clock."""
+        self.get()
+        self.assertEqual(self.body_bytes(), int(self.bucket.burst))
+        self.reactor.advance((64 << 10) / (256 << 10))
+        self.assertEqual(self.body_bytes(), int(self.bucket.burst) + (64 << 10))
+
+    def test_transport_pause_holds_even_with_credit(self) -> None:
+        """While the transport is paused, credit piles up but nothing is written; resuming sends it."""
+        self.get()
+        self.transport.producer.pauseProducing()  # what TCP does when its send buffer is full
+        before = self.body_bytes()
+        self.reactor.advance(1.0)
+        self.assertEqual(self.body_bytes(), before)
+        self.transport.producer.resumeProducing()
+        self.assertGreater(self.body_bytes(), before)
+
+    def test_whole_range_arrives_exactly(self) -> None:
+        """Advancing the clock long enough delivers exactly the range, and the response completes."""
+        self.get()
+        for _ in range(100):
+            self.reactor.advance(0.25)
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        self.assertEqual((head.split(b"\r\n")[0], body), (b"HTTP/1.1 206 Partial Content", self.data[: 512 << 10]))
