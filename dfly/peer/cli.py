@@ -38,7 +38,7 @@ from dfly.config import (
 )
 from dfly.logs import make_sign, open_log, plain_line
 from dfly.peer import storage
-from dfly.peer.hostmeta import TOKEN_HEADER, read_host_meta
+from dfly.peer.hostmeta import TOKEN_HEADER, read_host_meta, service_host
 from dfly.peer.options import Options as ServerOptions
 from dfly.peer.request import DownloadRequest, DownloadResult, request_to_json
 from dfly.pieces import is_md5, parse_digest, parse_filter
@@ -181,7 +181,7 @@ class ClientLog:
 
 def ping_daemon(meta: dict[str, Any]) -> bool:
     """Is the daemon of this host.meta alive (and the one that wrote it)?"""
-    conn = http.client.HTTPConnection("127.0.0.1", meta["servicePort"], timeout=2)
+    conn = http.client.HTTPConnection(service_host(meta), meta["servicePort"], timeout=2)
     try:
         conn.request("GET", "/_ping")
         response = conn.getresponse()
@@ -234,7 +234,7 @@ class DaemonRefused(Exception):
 
 def download_via_daemon(meta: dict[str, Any], req: DownloadRequest, show: Show) -> DownloadResult | None:
     """Ask the daemon and follow its event stream; None when it broke off without a result."""
-    conn = http.client.HTTPConnection("127.0.0.1", meta["servicePort"])
+    conn = http.client.HTTPConnection(service_host(meta), meta["servicePort"])
     try:
         conn.request(
             "POST", "/local/download", body=json.dumps(request_to_json(req)).encode(),

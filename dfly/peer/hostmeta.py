@@ -1,6 +1,6 @@
 """``meta/host.meta``: how a ``dfget`` run finds its host's peer daemon.
 
-``{"servicePort": N, "token": "...", "pid": N, "version": "..."}``, owner-only
+``{"servicePort": N, "serviceHost": "127.0.0.1", "token": "...", "pid": N, "version": "..."}``, owner-only
 (0600): the token is what lets a local client ask the daemon for downloads.
 """
 
@@ -15,8 +15,9 @@ from dfly.config import Home
 TOKEN_HEADER = b"X-Dfly-Token"
 
 
-def write_host_meta(home: Home, port: int, token: str, version: str) -> None:
-    meta = {"servicePort": port, "token": token, "pid": os.getpid(), "version": version}
+def write_host_meta(home: Home, port: int, token: str, version: str, listen: str = "0.0.0.0") -> None:
+    meta = {"servicePort": port, "serviceHost": local_address(listen), "token": token, "pid": os.getpid(),
+            "version": version}
     tmp = home.host_meta + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -41,3 +42,18 @@ def remove_host_meta(home: Home) -> None:
     meta = read_host_meta(home)
     if meta is not None and meta.get("pid") == os.getpid():
         os.unlink(home.host_meta)
+
+
+def local_address(listen: str) -> str:
+    """Where a client on this host reaches a daemon listening on ``listen``."""
+    if listen in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if listen == "::":
+        return "::1"
+    return listen
+
+
+def service_host(meta: dict[str, Any]) -> str:
+    """The address to dial from host.meta (files written before it was recorded mean loopback)."""
+    host = meta.get("serviceHost")
+    return host if isinstance(host, str) and host else "127.0.0.1"

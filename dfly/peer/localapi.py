@@ -3,7 +3,8 @@
 ``POST /local/download`` answers with a stream of JSON lines (events, then
 the result) so the CLI can show progress; closing the connection cancels the
 download.  Only loopback clients that present the token from ``host.meta``
-(readable by the owner alone) may start downloads: the daemon writes files
+(readable by the owner alone) may start downloads (or, for a daemon
+listening on one address, clients connecting from that address): the daemon writes files
 as its user, so nobody else may steer it.
 """
 
@@ -69,12 +70,14 @@ class LocalApi:
         return json.dumps({"event": "result", **result.to_json()}).encode() + b"\n"
 
     def _authorize(self, request: IRequest) -> None:
-        client = request.getClientAddress()
-        host = getattr(client, "host", "")
+        host = getattr(request.getClientAddress(), "host", "")
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
             loopback = False
+        # A daemon listening on one specific address is reached from that same
+        # address: still this host.
+        local = loopback or host == getattr(request.getHost(), "host", None)
         given = request.getHeader(TOKEN_HEADER) or b""
-        if not loopback or not hmac.compare_digest(given, self.token.encode()):
+        if not local or not hmac.compare_digest(given, self.token.encode()):
             raise ApiError(403, codes.PARAM_ERROR, "local API: loopback clients with the host.meta token only")

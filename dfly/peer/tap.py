@@ -64,6 +64,7 @@ class PeerDaemon(Service):
         self.token = token
         self.alivetime = config.alivetime
         self.expiretime = config.expiretime
+        self.listen = config.listen
         self.clock = clock
         self.on_idle = on_idle
         self.pool = pool
@@ -95,7 +96,7 @@ class PeerDaemon(Service):
 
     def _publish(self, port: Any) -> Any:
         self.engine.port = port.getHost().port
-        write_host_meta(self.home, self.engine.port, self.token, dfly.__version__)
+        write_host_meta(self.home, self.engine.port, self.token, dfly.__version__, self.listen)
         log.info("peer daemon {pid} serving on port {port}, home {home}, host limit (--totallimit) {limit} each way",
                  pid=os.getpid(), port=self.engine.port, home=self.home.root,
                  limit=describe_limit(self.engine.limit.rate))

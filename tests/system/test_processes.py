@@ -170,6 +170,24 @@ class ProcessTestCase(TestCase):
         self.assertEqual(code, 2)
         self.assertIn(b"is a directory", err)
 
+    async def test_daemon_on_a_specific_address_is_found(self) -> None:
+        """A daemon started with --listen 127.0.0.2 is the one dfget uses (no second daemon, no fallback)."""
+        watcher = _Watcher({b"peer daemon"})
+        process = reactor.spawnProcess(
+            watcher, dfget_path(), [dfget_path(), "server", "--home", self.home, "--listen", "127.0.0.2", "--ip", "127.0.0.2"],
+            env=self._env(),
+        )
+        self.addCleanup(lambda: None if watcher.ended.called else (process.signalProcess("TERM"), watcher.ended)[1])
+        await watcher.ready
+        with open(os.path.join(self.home, "meta", "host.meta")) as f:
+            meta = json.load(f)
+        out, err, code = await self.dfget("-u", self.url, "-o", os.path.join(self.work, "o.bin"), "--node", self.node)
+        self.assertEqual((code, meta["serviceHost"]), (0, "127.0.0.2"), out + err)
+        with open(os.path.join(self.home, "logs", "dfclient.log")) as f:
+            self.assertNotIn("downloading in this process", f.read())
+        with open(os.path.join(self.home, "meta", "host.meta")) as f:
+            self.assertEqual(json.load(f)["pid"], meta["pid"])
+
     async def test_peer_daemon_exits_after_alivetime(self) -> None:
         """dfget server --alivetime 1s exits by itself and removes host.meta."""
         watcher = _Watcher({b"peer daemon"})
