@@ -515,6 +515,36 @@ class DigestTests(IntegrationTestCase):
         self.assertDownloaded(await self.download(req), req, file)
 
 
+class ContentAddressedTests(IntegrationTestCase):
+    """With --digest the task is the content: one fetch for the same bytes at any URL."""
+
+    async def test_same_digest_at_two_urls_is_one_task_and_one_fetch(self) -> None:
+        """Two URLs serving the same bytes, both asked with their sha256: the origin sends them once."""
+        data = os.urandom(4 * MiB + 3)
+        first, second = self.serve("a.bin", data), self.serve("b.bin", data)
+        await self.start_supernode()
+        digest = ("sha256", hashlib.sha256(data).hexdigest())
+        req_a = self.request(first.url, digest=digest)
+        self.assertDownloaded(await self.download(req_a), req_a, first)
+        task_a = self.registered()["taskId"]
+        req_b = self.request(second.url, digest=digest)
+        self.assertDownloaded(await self.download(req_b), req_b, second)
+        self.assertEqual(self.registered()["taskId"], task_a)
+        self.assertEqual(self.origin.full_gets("a.bin") + self.origin.full_gets("b.bin"), 1)
+
+    async def test_source_not_matching_the_digest_leaves_no_cache(self) -> None:
+        """The supernode checks the whole file against the digest; a mismatch is a FAIL and nothing stays cached."""
+        file = self.serve("f.bin", os.urandom(4 * MiB + 3))
+        parts = await self.start_supernode()
+        req = self.request(file.url, digest=("sha256", "0" * 64))
+        result = await self.download(req)
+        self.assertFailed(result, req, codes.ERR_DOWNLOAD, codes.REASON_DIGEST_MISMATCH)
+        task = parts.tasks.tasks[self.registered()["taskId"]]
+        self.assertEqual((task.state, task.fetch), ("failed", None))
+        cached = [name for _, _, names in os.walk(os.path.join(self.supernode_home, "repo")) for name in names]
+        self.assertEqual(cached, [])
+
+
 # --- without a usable supernode ---------------------------------------------------
 
 

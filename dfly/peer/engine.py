@@ -347,6 +347,9 @@ class PeerEngine:
                     "headers": [f"{k}: {v}" for k, v in req.headers.items()],
                     "md5": req.md5,
                     "identifier": req.identifier,
+                    # With a digest (and nothing else naming the task) the task is
+                    # the content: the same blob from any URL is one task.
+                    "digest": f"{req.digest[0]}:{req.digest[1]}" if req.digest and not (req.md5 or req.identifier) else None,
                     "filter": list(req.filter),
                     "cid": cid,
                     "ip": ip,
@@ -384,6 +387,7 @@ class PeerEngine:
             run.held = HeldFile(task_id, run.path, int(reg["pieceSize"]))
             self.uploads.add(run.held)
         self._known_length(run, int(reg.get("fileLength", -1)))
+        run.emit({"event": "file", "path": run.path, "length": run.length})
         params = {"taskId": task_id, "srcCid": cid}
         try:
             while True:
@@ -478,6 +482,8 @@ class PeerEngine:
             run.from_supernode += length
         else:
             run.from_peers += length
+        start, end = parse_range(byte_range)
+        run.emit({"event": "piece", "start": start, "end": end})
         run.emit({"event": "progress", "done": run.done, "total": run.length})
         await self._report(run, node, "/peer/piece/suc", {"taskId": task_id, "cid": cid, "dstCid": dst, "pieceRange": byte_range})
 
@@ -550,9 +556,12 @@ class PeerEngine:
             raise DownloadFailed(codes.ERR_DOWNLOAD, reason, f"source answered {opened.status}")
         run.open()
         self._known_length(run, opened.length)
+        run.emit({"event": "file", "path": run.path, "length": run.length})
 
         def progress(index: int, length: int, digest: str) -> None:
+            start = index * DEFAULT_PIECE_SIZE
             run.done += length
+            run.emit({"event": "piece", "start": start, "end": start + length - 1})
             run.emit({"event": "progress", "done": run.done, "total": run.length})
 
         writer = BodyWriter(run.fd, 0, DEFAULT_PIECE_SIZE, opened.length, progress, self.reactor, self.idle_timeout,

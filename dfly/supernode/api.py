@@ -17,7 +17,7 @@ from twisted.web.iweb import IRequest
 import dfly
 from dfly import codes
 from dfly.jsonapi import bad_request, envelope, json_app, query_arg, query_int, read_json
-from dfly.pieces import is_md5, is_task_id, parse_filter, parse_range, piece_num_of, task_id, task_url
+from dfly.pieces import is_md5, is_task_id, parse_digest, parse_filter, parse_range, piece_num_of, task_id, task_url
 from dfly.urls import check_url, parse_header_lines
 from dfly.supernode.tasks import Registration, TaskManager
 
@@ -49,6 +49,15 @@ def parse_registration(body: dict[str, Any]) -> Registration:
         raise bad_request(f"invalid md5 {md5!r}: expected 32 hex digits")
     if identifier is not None and not isinstance(identifier, str):
         raise bad_request("identifier must be a string")
+    digest_text = body.get("digest") or None
+    digest = None
+    if digest_text is not None:
+        if md5 is not None or identifier is not None:
+            raise bad_request("give digest, md5 or identifier, not several")
+        try:
+            digest = parse_digest(str(digest_text))
+        except ValueError as e:
+            raise bad_request(str(e)) from None
     filter_spec = body.get("filter")
     if filter_spec is not None and not (
         isinstance(filter_spec, str) or (isinstance(filter_spec, list) and all(isinstance(k, str) for k in filter_spec))
@@ -68,7 +77,9 @@ def parse_registration(body: dict[str, Any]) -> Registration:
     host_name = body.get("hostName", "")
     if not isinstance(host_name, str):
         raise bad_request("hostName must be a string")
-    turl = task_url(url, parse_filter(filter_spec))
+    # A digest makes the task content-addressed: the same bytes are one task
+    # whatever URL (repository, registry, signed query) they were asked by.
+    turl = f"{digest[0]}:{digest[1]}" if digest else task_url(url, parse_filter(filter_spec))
     md5 = md5.lower() if md5 else None
     return Registration(
         url=url,
@@ -77,6 +88,7 @@ def parse_registration(body: dict[str, Any]) -> Registration:
         headers=headers,
         md5=md5,
         identifier=identifier,
+        digest=digest,
         cid=cid,
         ip=ip,
         port=port,

@@ -122,6 +122,14 @@ class CdnCache:
             return None
         return meta
 
+    def remove(self, task_id: str) -> None:
+        """Forget a task's bytes and meta (a failed or wrong fetch)."""
+        for path in (self.data_path(task_id), self.meta_path(task_id)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
     def save_meta(self, meta: CacheMeta) -> None:
         """Write the meta atomically, so a crash never leaves half a record."""
         path = self.meta_path(meta.task_id)

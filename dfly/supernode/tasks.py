@@ -23,7 +23,8 @@ from dfly.jsonapi import ApiError
 from dfly.pieces import format_range, piece_count, piece_range, piece_size_for
 from dfly.source import SourceClient, SourceError, SourceResponse, abort_body
 from dfly.ratelimit import TokenBucket
-from dfly.stream import BodyWriter, RunBlocking, run_inline
+from dfly.peer.storage import file_digest
+from dfly.stream import BodyWriter, RunBlocking, StreamError, run_inline
 from dfly.supernode import scheduler
 from dfly.supernode.cdn import CacheMeta, CdnCache
 
@@ -49,6 +50,7 @@ class Registration:
     headers: Mapping[str, str]
     md5: str | None
     identifier: str | None
+    digest: tuple[str, str] | None  # (algorithm, hex): the whole file is checked against it
     cid: str
     ip: str
     port: int
@@ -71,6 +73,7 @@ class Task:
     schedule: scheduler.TaskSchedule = attrs.Factory(lambda: scheduler.TaskSchedule(CDN))
     authorized: set[frozenset[tuple[str, str]]] = attrs.Factory(set)
     fetch: Deferred[int] | None = None
+    digest: tuple[str, str] | None = None
     _waiters: list[Deferred[None]] = attrs.Factory(list)
 
     @property
@@ -208,7 +211,7 @@ class TaskManager:
             task = Task(
                 task_id=reg.task_id, url=reg.task_url, md5=reg.md5, identifier=reg.identifier,
                 piece_size=piece_size_for(opened.length), length=opened.length,
-                etag=opened.etag, last_modified=opened.last_modified,
+                etag=opened.etag, last_modified=opened.last_modified, digest=reg.digest,
             )
             self._start_fetch(task, opened, reg.url)
         else:
@@ -266,6 +269,19 @@ class TaskManager:
         task.fetch = writer.done
         opened.response.deliverBody(writer)
 
+        def verify(length: int) -> Deferred[int] | int:
+            if task.digest is None:
+                return length
+            algorithm, expected = task.digest
+            path = self.cache.data_path(task.task_id)
+
+            def compare(actual: str) -> int:
+                if actual != expected:
+                    raise StreamError(f"{algorithm} of the source is {actual}, expected {expected}")
+                return length
+
+            return self.run_blocking(lambda: file_digest(path, algorithm)).addCallback(compare)
+
         def finished(length: int) -> None:
             task.length = length
             task.state = "done"
@@ -282,10 +298,13 @@ class TaskManager:
         def closed(_: object) -> None:
             os.close(fd)
             task.fetch = None
-            self.cache.save_meta(task.meta())
+            if task.state == "failed":
+                self.cache.remove(task.task_id)  # nothing half-fetched or wrong stays cached
+            else:
+                self.cache.save_meta(task.meta())
             task.changed()
 
-        writer.done.addCallbacks(finished, failed).addBoth(closed)
+        writer.done.addCallback(verify).addCallbacks(finished, failed).addBoth(closed)
 
     # --- pulls and reports ------------------------------------------------------
 
