@@ -23,6 +23,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
@@ -762,6 +763,17 @@ class SweepTests(SupernodeApiTestCase):
         self.assertNoResult(d)
         return d
 
+    def assertHungUp(self, held: Deferred[Answer]) -> None:
+        """The cancelled pull failed on the client side; consume that failure.
+
+        Left unconsumed, the failed Deferred stays reachable from this test's
+        StubTreq (its MemoryReactorClock keeps the connector's factory, whose
+        ``_onConnection`` is this very Deferred) until trial drops the test;
+        the garbage collector then logs "Unhandled error in Deferred" into
+        whichever later test it happens to run in.
+        """
+        self.failureResultOf(held, ResponseNeverReceived)
+
     def test_silent_peer_is_dropped_and_its_slots_go_to_a_waiting_pull(self) -> None:
         """Just over SILENCE after peer-1's last word, sweep drops it and peer-2's held pull gets 0-3 from the CDN."""
         self.clock.advance(SILENCE + 0.1)
@@ -816,6 +828,7 @@ class SweepTests(SupernodeApiTestCase):
         self.pump()
         held.cancel()  # the peer's connection went away
         self.pump()
+        self.assertHungUp(held)
         self.clock.advance(HUNG_UP_GRACE + 0.1)
         self.tasks.sweep()
         self.assertNotIn("peer-1", self.tasks.task(self.tid).peers)
@@ -826,6 +839,7 @@ class SweepTests(SupernodeApiTestCase):
         self.pump()
         held.cancel()
         self.pump()
+        self.assertHungUp(held)
         again = self.start_pull(self.tid)
         self.pump()
         self.clock.advance(HUNG_UP_GRACE + 0.1)
