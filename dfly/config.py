@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 import attrs
 import yaml
 
+from dfly.urls import check_url
+
 DEFAULT_SUPERNODE_PORT = 8002
 DEFAULT_DOWNLOAD_PORT = 8001
 DEFAULT_DFGET_CONFIG = "/etc/dragonfly/dfget.yml"
@@ -259,3 +261,119 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 
 def load_supernode_config(path: str = DEFAULT_SUPERNODE_CONFIG, required: bool = False) -> SupernodeFileConfig:
     return SupernodeFileConfig(**_apply(path, _read_yaml(path, required), _SUPERNODE_KEYS))
+
+
+DEFAULT_DFDAEMON_CONFIG = "/etc/dragonfly/dfdaemon.yml"
+DEFAULT_DFDAEMON_PORT = 65001
+#: What a blob URL looks like: these go peer-to-peer unless a rule says otherwise.
+BLOB_PATTERN = r"/v2/.+/blobs/sha256:[0-9a-f]{64}$"
+PROXY_ACTIONS = ("p2p", "direct", "use_https")
+
+
+@attrs.frozen
+class ProxyRule:
+    """``regex`` (searched in the full URL) decides what happens to a proxied request."""
+
+    regex: re.Pattern[str]
+    action: str  # p2p | direct | use_https
+
+
+@attrs.frozen
+class HijackRule:
+    """CONNECT to a host matching ``regex`` is decrypted with a certificate from our CA."""
+
+    regex: re.Pattern[str]
+    insecure: bool = False  # do not verify the real host's certificate
+
+
+@attrs.frozen
+class DfdaemonFileConfig:
+    """What ``dfdaemon.yml`` may set; flags override the scalar fields."""
+
+    port: int = DEFAULT_DFDAEMON_PORT
+    listen: str = "127.0.0.1"
+    registry: str | None = None
+    nodes: tuple[tuple[str, int], ...] = ()
+    home: str = attrs.field(factory=default_home)
+    localrepo: str | None = None  # default <home>/dfdaemon/data
+    ratelimit: int = 20 << 20
+    peer_port: int = 0
+    ca_bundle: str | None = None
+    insecure: bool = False
+    proxies: tuple[ProxyRule, ...] = (ProxyRule(re.compile(BLOB_PATTERN), "p2p"),)
+    hijack_cert: str | None = None
+    hijack_key: str | None = None
+    hijack_hosts: tuple[HijackRule, ...] = ()
+
+
+def _regex(value: Any) -> re.Pattern[str]:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a regular expression, got {value!r}")
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise ValueError(f"invalid regular expression {value!r}: {e}") from None
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _rules(value: Any) -> tuple[ProxyRule, ...]:
+    """``[{regex: ..., action: p2p|direct|use_https}, ...]``, in order."""
+    if not isinstance(value, list):
+        raise ValueError("expected a list of {regex, action}")
+    rules = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) - {"regex", "action"}:
+            raise ValueError(f"each rule is {{regex: ..., action: ...}}, got {item!r}")
+        action = item.get("action", "p2p")
+        if action not in PROXY_ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(PROXY_ACTIONS)}, got {action!r}")
+        rules.append(ProxyRule(_regex(item.get("regex")), action))
+    return tuple(rules)
+
+
+def _hijack(value: Any) -> dict[str, Any]:
+    """``{cert: FILE, key: FILE, hosts: [{regex: ..., insecure: false}]}``."""
+    if not isinstance(value, dict) or set(value) - {"cert", "key", "hosts"}:
+        raise ValueError("expected {cert, key, hosts}")
+    hosts = value.get("hosts") or []
+    if not isinstance(hosts, list):
+        raise ValueError("hosts must be a list of {regex, insecure}")
+    rules = []
+    for item in hosts:
+        if not isinstance(item, dict) or set(item) - {"regex", "insecure"}:
+            raise ValueError(f"each host is {{regex: ..., insecure: false}}, got {item!r}")
+        rules.append(HijackRule(_regex(item.get("regex")), _bool(item.get("insecure", False))))
+    return {"hijack_cert": _string(value.get("cert")), "hijack_key": _string(value.get("key")),
+            "hijack_hosts": tuple(rules)}
+
+
+def check_registry(value: Any) -> str:
+    """An ``http://`` or ``https://`` base URL, without a trailing slash."""
+    return check_url(_string(value)).rstrip("/")
+
+
+_DFDAEMON_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "port": ("port", _positive_port),
+    "listen": ("listen", check_ip),
+    "registry": ("registry", check_registry),
+    "nodes": ("nodes", parse_nodes),
+    "home": ("home", _string),
+    "localrepo": ("localrepo", _string),
+    "ratelimit": ("ratelimit", parse_size),
+    "peerPort": ("peer_port", _positive_port),
+    "caBundle": ("ca_bundle", _string),
+    "insecure": ("insecure", _bool),
+    "proxies": ("proxies", _rules),
+    "hijackHttps": ("hijack", _hijack),
+}
+
+
+def load_dfdaemon_config(path: str = DEFAULT_DFDAEMON_CONFIG, required: bool = False) -> DfdaemonFileConfig:
+    values = _apply(path, _read_yaml(path, required), _DFDAEMON_KEYS)
+    values.update(values.pop("hijack", {}))
+    return DfdaemonFileConfig(**values)

@@ -4,7 +4,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dfly.config import load_dfget_config, load_supernode_config
+from dfly.config import load_dfdaemon_config, load_dfget_config, load_supernode_config
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
 
@@ -23,3 +23,10 @@ class ExampleConfigTests(SynchronousTestCase):
         self.assertEqual((config.port, config.download_port), (8002, 8001))
         self.assertEqual(config.fail_access_interval, 180.0)
         self.assertEqual((config.max_bandwidth, config.max_upload_bandwidth), (0, 0))
+
+    def test_dfdaemon_example_loads(self) -> None:
+        """etc/dfdaemon.yml parses: port 65001, loopback, blob URLs go p2p."""
+        config = load_dfdaemon_config(os.path.join(ETC, "dfdaemon.yml"), required=True)
+        self.assertEqual((config.port, config.listen, config.ratelimit), (65001, "127.0.0.1", 20 << 20))
+        self.assertEqual([rule.action for rule in config.proxies], ["p2p"])
+        self.assertTrue(config.proxies[0].regex.search("/v2/library/app/blobs/sha256:" + "a" * 64))

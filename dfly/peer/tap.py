@@ -47,6 +47,26 @@ RESIDUE_AGE = 3600.0
 LEAVE_TIMEOUT = 3.0
 
 
+def remove_residue(directory: str, keep: set[str], now: float) -> None:
+    """Remove what is in ``directory`` (but ``keep``) and older than `RESIDUE_AGE`, e.g. after a crash."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            stale = path not in keep and now - os.lstat(path).st_mtime > RESIDUE_AGE
+        except OSError:
+            continue
+        if stale:
+            log.info("removing residual file {path}", path=path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                remove_quietly(path)
+
+
 class DaemonLockHeld(Exception):
     pass
 
@@ -108,23 +128,7 @@ class PeerDaemon(Service):
         for held in self.uploads.held():
             if held.finished and not held.uploads and now - held.last_access >= self.expiretime:
                 self.engine.expire(held)
-        served = self.uploads.paths()
-        try:
-            names = os.listdir(self.home.data)
-        except OSError:
-            return
-        for name in names:
-            path = os.path.join(self.home.data, name)
-            try:
-                stale = path not in served and now - os.lstat(path).st_mtime > RESIDUE_AGE
-            except OSError:
-                continue
-            if stale:
-                log.info("removing residual file {path}", path=path)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    remove_quietly(path)
+        remove_residue(self.home.data, self.uploads.paths(), now)
 
     def _check_idle(self) -> None:
         now = self.clock.seconds()

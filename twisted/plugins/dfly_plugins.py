@@ -15,3 +15,10 @@ dfget = ServiceMaker(
     "dfly peer daemon: downloads for local dfget runs and serves pieces",
     "dfget",
 )
+
+dfdaemon = ServiceMaker(
+    "dfly dfdaemon",
+    "dfly.dfdaemon.tap",
+    "dfly registry mirror / HTTP(S) proxy: image layers peer-to-peer (port 65001)",
+    "dfdaemon",
+)

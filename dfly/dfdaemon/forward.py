@@ -1,0 +1,145 @@
+"""Passing a request through to its real server, untouched.
+
+Everything that does not go peer-to-peer (manifests, tokens, ``/v2/``, HEAD,
+uploads, any URL a rule sends ``direct``) goes through `forward`: every value
+of every end-to-end header is passed on (a registry answers 404 to an OCI
+manifest GET that lost one of its six ``Accept`` lines, which is what
+``twisted.web.proxy`` does), the answer's status, headers and body come back
+as they are, redirects included (the client follows them), and the body
+streams with flow control both ways.  A 401 with its ``WWW-Authenticate``
+therefore reaches the client unchanged and its token flow works.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IRequest, IResponse
+
+log = Logger(namespace="dfly.dfdaemon")
+
+#: Headers that describe one connection, not the message (RFC 9110 7.6.1),
+#: plus Host, which the agent sets for the real server.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host",
+})
+
+
+def end_to_end(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """A copy of ``headers`` without hop-by-hop ones (and those named in Connection, and ``drop``)."""
+    named = {token.strip().lower() for value in headers.getRawHeaders(b"connection", []) for token in value.split(b",")}
+    out = Headers()
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower not in HOP_BY_HOP and lower not in named and lower not in drop:
+            out.setRawHeaders(name, list(values))
+    return out
+
+
+def has_body(request: IRequest) -> bool:
+    length = request.getHeader(b"content-length")
+    return bool(request.getHeader(b"transfer-encoding")) or (length is not None and length.strip() not in (b"", b"0"))
+
+
+async def forward(request: IRequest, url: str, agent: IAgent) -> None:
+    """Send ``request`` to ``url`` and relay the answer; the caller finishes nothing."""
+    body = None
+    if has_body(request):
+        request.content.seek(0)
+        body = FileBodyProducer(request.content)
+    pending = agent.request(request.method, url.encode("utf-8"), end_to_end(request.requestHeaders), body)
+    gone = request.notifyFinish()
+    gone.addErrback(lambda _: pending.cancel())
+    try:
+        response: IResponse = await pending
+    except CancelledError:
+        return  # the client went away
+    except Exception as e:
+        log.warn("{method} {url} failed: {error}", method=request.method.decode(), url=url, error=e)
+        fail(request, 502, f"dfdaemon: cannot reach {url}: {e}")
+        return
+    request.setResponseCode(response.code, response.phrase)
+    request.responseHeaders = end_to_end(response.headers)
+    if request.method == b"HEAD" or response.code in (204, 304):
+        _discard(response)
+        request.finish()
+        return
+    relay = Relay(request)
+    response.deliverBody(relay)
+    gone.addErrback(lambda _: relay.stop())
+    await relay.done
+
+
+def fail(request: IRequest, status: int, message: str) -> None:
+    """A one-line text error, unless the response already started (then only drop the connection)."""
+    if request.startedWriting:
+        if request.channel is not None:
+            request.channel.transport.abortConnection()
+        return
+    request.setResponseCode(status)
+    request.responseHeaders = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
+    body = (message + "\n").encode("utf-8")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    request.write(body)
+    request.finish()
+
+
+def _discard(response: IResponse) -> None:
+    transport = getattr(response, "_transport", None)
+    if transport is not None:
+        transport.stopProducing()
+    else:
+        response.deliverBody(Protocol())
+
+
+class Relay(Protocol):
+    """Copies a response body into a request, pausing the server while the client is slow.
+
+    ``done`` fires once the client has the whole body (the request is then
+    finished); a body cut short drops the client's connection too, so the
+    client sees the same truncation instead of a complete-looking answer.
+    """
+
+    def __init__(self, request: IRequest) -> None:
+        self.request = request
+        self.done: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.done.called:
+            self.request.write(data)
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done.called:
+            return
+        if self.request.channel is None:  # the client went away first
+            self.done.callback(None)
+            return
+        self.request.unregisterProducer()
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.request.finish()
+        else:
+            log.warn("upstream body broke off: {error}", error=reason.getErrorMessage())
+            self.request.channel.transport.abortConnection()
+        self.done.callback(None)
+
+
+def agent_for(reactor: Any, pool: Any, policy: Any, connect_timeout: float = 10.0) -> IAgent:
+    """An agent that follows no redirects (the client does) over ``pool``."""
+    from twisted.web.client import Agent
+
+    return Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=connect_timeout)

@@ -1,0 +1,194 @@
+"""The dfdaemon front: one port for registry-mirror, proxy and CONNECT requests.
+
+What arrives, and where it goes:
+
+- ``GET /_ping``: liveness, as JSON;
+- origin-form ``/v2/...`` (a container engine or skopeo using us as its
+  registry mirror): forwarded to ``--registry``; a blob GET
+  (``/v2/<name>/blobs/sha256:<hex>``) goes peer-to-peer instead;
+- absolute-form ``GET http://host/path`` (``HTTP_PROXY`` pointing here): the
+  first ``proxies`` rule whose regex is found in the URL decides: ``p2p``,
+  ``direct`` (forwarded), or ``use_https`` (forwarded over https); no match
+  is ``direct``;
+- ``CONNECT host:port`` (``HTTPS_PROXY``): a blind tunnel, unless the host
+  matches a ``hijackHttps`` rule: then we are the TLS server (a certificate
+  for that host minted by our CA) and the decrypted requests go through the
+  same rules with ``https://host:port`` in front of their path.
+
+Requests are dispatched in `DfdaemonRequest.process`, before twisted.web's
+resource traversal would trip over absolute or authority-form targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IAgent, IRequest
+
+import dfly
+from dfly import codes
+from dfly.config import DfdaemonFileConfig, HijackRule
+from dfly.dfdaemon.blobs import blob_digest, serve_p2p
+from dfly.dfdaemon.ca import CertificateAuthority
+from dfly.dfdaemon.forward import fail, forward
+from dfly.dfdaemon.tunnel import open_tunnel, parse_connect_target, take_over
+from dfly.peer.engine import PeerEngine
+
+log = Logger(namespace="dfly.dfdaemon")
+
+
+@attrs.define(eq=False)
+class Dfdaemon:
+    """Decides what happens to each request; holds what the decisions need."""
+
+    reactor: Any
+    config: DfdaemonFileConfig
+    engine: PeerEngine
+    localrepo: str
+    agent: IAgent  # to registries and proxied hosts, verifying as configured
+    insecure_agent: IAgent  # for hijacked hosts whose rule says insecure
+    ca: CertificateAuthority | None = None
+
+    async def handle(self, request: IRequest, upstream: str | None = None, agent: IAgent | None = None) -> None:
+        uri = request.uri.decode("latin-1")
+        if request.method == b"CONNECT":
+            if upstream is not None:
+                fail(request, 400, "dfdaemon: CONNECT inside an intercepted connection")
+            else:
+                self.connect(request)
+            return
+        if upstream is not None:  # decrypted from a hijacked CONNECT
+            await self.proxy(request, upstream + uri, agent or self.agent)
+        elif uri.startswith(("http://", "https://")):
+            await self.proxy(request, uri, self.agent)
+        elif uri.split("?", 1)[0] == "/_ping":
+            self.ping(request)
+        else:
+            await self.mirror(request, uri)
+
+    def ping(self, request: IRequest) -> None:
+        body = {"code": codes.SUCCESS, "msg": "OK", "data": {"version": dfly.__version__, "pid": os.getpid()}}
+        request.setHeader(b"content-type", b"application/json")
+        request.write(json.dumps(body).encode() + b"\n")
+        request.finish()
+
+    async def mirror(self, request: IRequest, uri: str) -> None:
+        if self.config.registry is None:
+            fail(request, 404, "dfdaemon: no --registry is set, so registry-mirror requests cannot be served "
+                               "(use dfdaemon as HTTP_PROXY, or start it with --registry URL)")
+            return
+        url = self.config.registry + uri
+        digest = blob_digest(uri.split("?", 1)[0])
+        if request.method == b"GET" and digest is not None:
+            await self.p2p(request, url, digest, self.agent)
+        else:
+            await forward(request, url, self.agent)
+
+    async def proxy(self, request: IRequest, url: str, agent: IAgent) -> None:
+        action = next((rule.action for rule in self.config.proxies if rule.regex.search(url)), "direct")
+        if action == "use_https" and url.startswith("http://"):
+            url = "https://" + url[len("http://"):]
+        if action == "p2p" and request.method == b"GET":
+            await self.p2p(request, url, blob_digest(urlsplit(url).path), agent)
+        else:
+            await forward(request, url, agent)
+
+    async def p2p(self, request: IRequest, url: str, digest: str | None, agent: IAgent) -> None:
+        await serve_p2p(request, url, digest, self.engine, self.config.nodes, self.localrepo, self.config.ratelimit,
+                        lambda: forward(request, url, agent))
+
+    def connect(self, request: IRequest) -> None:
+        try:
+            host, port = parse_connect_target(request.uri)
+        except ValueError as e:
+            fail(request, 400, f"dfdaemon: {e}")
+            return
+        rule = self._hijack_rule(host, port)
+        if rule is None or self.ca is None:
+            open_tunnel(request, self.reactor, host, port)
+            return
+        authority = host if port == 443 else f"{host}:{port}"
+        if ":" in host:
+            authority = f"[{host}]" if port == 443 else f"[{host}]:{port}"
+        site = InterceptedSite(self, f"https://{authority}", self.insecure_agent if rule.insecure else self.agent)
+        log.info("intercepting CONNECT {host}:{port}", host=host, port=port)
+        take_over(request, site.buildProtocol(None), self.ca.server_creator(host))
+
+    def _hijack_rule(self, host: str, port: int) -> HijackRule | None:
+        for rule in self.config.hijack_hosts:
+            if rule.regex.search(host) or rule.regex.search(f"{host}:{port}"):
+                return rule
+        return None
+
+
+class DfdaemonRequest(server.Request):
+    """Dispatches to `Dfdaemon.handle` instead of resource traversal."""
+
+    def process(self) -> None:
+        self.site = self.channel.site
+        self.setHeader(b"server", b"dfdaemon")
+        site = self.site
+        d = Deferred.fromCoroutine(site.dfdaemon.handle(self, site.upstream, site.agent))
+        d.addErrback(self._crashed)
+
+    def _crashed(self, failure: Failure) -> None:
+        log.failure("dfdaemon: {method} {uri} failed", failure, method=self.method, uri=self.uri)
+        if not self.finished and self.channel is not None:
+            fail(self, 500, f"dfdaemon: internal error: {failure.getErrorMessage()}")
+
+
+class ProbeGuardChannel(HTTPChannel):
+    """Closes a connection that starts with a TLS handshake.
+
+    skopeo and containers/image try TLS first on an ``insecure`` mirror; an
+    HTTP parser would wait for a line end that never comes, and the client
+    only falls back to plain HTTP after its 10 s handshake timeout.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            if data[:1] == b"\x16":
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class DfdaemonSite(server.Site):
+    """The listening port's factory."""
+
+    protocol = ProbeGuardChannel
+    requestFactory = DfdaemonRequest
+    upstream: str | None = None
+    agent: IAgent | None = None
+
+    def __init__(self, dfdaemon: Dfdaemon) -> None:
+        super().__init__(resource.Resource(), reactor=dfdaemon.reactor)
+        self.dfdaemon = dfdaemon
+        self.noisy = False
+
+    def log(self, request: IRequest) -> None:
+        log.info('{method} {uri} {code} {length}', method=request.method.decode("latin-1"),
+                 uri=request.uri.decode("latin-1"), code=request.code, length=request.sentLength)
+
+
+class InterceptedSite(DfdaemonSite):
+    """One hijacked CONNECT's decrypted requests, all for ``upstream``."""
+
+    protocol = HTTPChannel
+
+    def __init__(self, dfdaemon: Dfdaemon, upstream: str, agent: IAgent) -> None:
+        super().__init__(dfdaemon)
+        self.upstream = upstream
+        self.agent = agent
