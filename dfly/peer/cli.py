@@ -51,7 +51,7 @@ Show = Callable[[dict[str, Any]], None]
 
 
 class Options(usage.Options):
-    synopsis = "-u URL [-o FILE] [options]    |    dfget server [options]"
+    synopsis = "Usage: dfget -u URL [-o FILE] [options]    |    dfget server [options]"
     longdesc = (
         "Download URL to FILE through the dfly supernodes given with --node (or in "
         f"{DEFAULT_DFGET_CONFIG}).  Prints 'download SUCCESS(0) ...' or 'download FAIL(code) ...' and exits "
@@ -100,6 +100,10 @@ class Options(usage.Options):
     def opt_version(self) -> None:
         print(f"dfget version:{dfly.__version__}")
         raise SystemExit(0)
+
+    def getSynopsis(self) -> str:
+        # A subcommand's usage line is ours + its name + its own: say only "dfget".
+        return "Usage: dfget" if self.subCommand else super().getSynopsis()
 
     def postOptions(self) -> None:
         if self.subCommand is not None:
