@@ -102,11 +102,16 @@ class OrderedStream:
         if self.verified:
             return self.prefix
         # Hold back the last byte until the whole file is verified.
-        end = self.length if self.length >= 0 else self.prefix + 1
-        return min(self.prefix, end - 1)
+        end = self.length if self.length >= 0 else self.prefix
+        return max(min(self.prefix, end - 1), 0)
 
     def _pump(self) -> None:
-        if self._sending is not None or self.broken or self.fd < 0:
+        if self._sending is not None or self.broken:
+            return
+        if self.fd < 0 and not (self.verified and self.length == 0):
+            if self.verified:  # complete, yet its working file could not be read
+                self.abandon()
+                self._send_failed(None)
             return
         limit = self._limit()
         if limit > self.sent:
