@@ -193,7 +193,8 @@ async def serve_p2p(
         return
     try:
         if result.success:
-            log.info("{url} via P2P: {line}", url=url, line=result.line())
+            how = "via P2P" if result.reason == codes.REASON_NONE else f"from the source (P2P failed, reason {result.reason})"
+            log.info("{url} {how}: {line}", url=url, how=how, line=result.line())
             await stream.finish()
         elif stream.started:
             log.warn("{url} failed after the response started: {error}", url=url, error=result.error)
