@@ -340,6 +340,8 @@ def _hijack(value: Any) -> dict[str, Any]:
     """``{cert: FILE, key: FILE, hosts: [{regex: ..., insecure: false}]}``."""
     if not isinstance(value, dict) or set(value) - {"cert", "key", "hosts"}:
         raise ValueError("expected {cert, key, hosts}")
+    if not value.get("cert") or not value.get("key"):
+        raise ValueError("needs both cert and key (make them with 'dfdaemon gen-ca')")
     hosts = value.get("hosts") or []
     if not isinstance(hosts, list):
         raise ValueError("hosts must be a list of {regex, insecure}")

@@ -19,6 +19,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IRequest, IResponse
@@ -55,7 +56,10 @@ async def forward(request: IRequest, url: str, agent: IAgent) -> None:
     if has_body(request):
         request.content.seek(0)
         body = FileBodyProducer(request.content)
-    pending = agent.request(request.method, url.encode("utf-8"), end_to_end(request.requestHeaders), body)
+    # The agent frames the body itself (Content-Length or chunked): a second
+    # Content-Length from the client would make the request invalid.
+    headers = end_to_end(request.requestHeaders, frozenset({b"content-length"}))
+    pending = agent.request(request.method, url.encode("utf-8"), headers, body)
     gone = request.notifyFinish()
     gone.addErrback(lambda _: pending.cancel())
     try:
@@ -68,6 +72,10 @@ async def forward(request: IRequest, url: str, agent: IAgent) -> None:
         return
     request.setResponseCode(response.code, response.phrase)
     request.responseHeaders = end_to_end(response.headers)
+    if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD" and response.code not in (204, 304):
+        # Twisted's client keeps Content-Length out of the headers: put it back,
+        # or the client gets a chunked body instead of the registry's length.
+        request.setHeader(b"content-length", b"%d" % response.length)
     if request.method == b"HEAD" or response.code in (204, 304):
         _discard(response)
         request.finish()

@@ -127,8 +127,6 @@ def dfdaemon_config(options: dict[str, Any]) -> DfdaemonFileConfig:
     config = attrs.evolve(config, **changes)
     if not config.nodes:
         raise ValueError("no supernode: give --node host[:port] or nodes in the config file")
-    if (config.hijack_cert is None) != (config.hijack_key is None):
-        raise ValueError("hijackHttps needs both cert and key")
     home = os.path.abspath(os.path.expanduser(config.home))
     localrepo = os.path.abspath(os.path.expanduser(config.localrepo)) if config.localrepo else None
     return attrs.evolve(config, home=home, localrepo=localrepo)
