@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
@@ -73,3 +74,10 @@ class LogObserverService(Service):
         globalLogPublisher.removeObserver(self.observer)
         if self._close is not None:
             self._close()
+
+
+def tcp_endpoint(reactor: Any, port: int, interface: str) -> Any:
+    """A TCP server endpoint for an IPv4 or IPv6 listen address."""
+    if ":" in interface:
+        return TCP6ServerEndpoint(reactor, port, interface=interface)
+    return TCP4ServerEndpoint(reactor, port, interface=interface)

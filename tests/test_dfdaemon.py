@@ -709,7 +709,7 @@ class BlobTests(DfdaemonTestCase):
         response, body = await self.get(f"{daemon.url}/v2/library/app/blobs/sha256:{digest}")
         self.assertP2P(response, body, data)
         self.assertEqual(self.registry.full_gets(digest), 1)
-        self.assertEqual([task.url for task in self.supernode.tasks.tasks.values()], [f"sha256:{digest}"])
+        self.assertEqual([task.url for task in self.supernode.tasks.tasks.values()], [f"{self.registry_url}#sha256:{digest}"])
         [result] = daemon.engine.results
         self.assertEqual((result.success, result.from_supernode, result.from_source), (True, len(data), 0))
         [req] = daemon.engine.requests
@@ -1239,3 +1239,159 @@ class ConfigTests(SynchronousTestCase):
         """An explicit --config that does not exist is refused."""
         e = self.assertRaises(usage.UsageError, self.parse, "--config", "/nonexistent/dfdaemon.yml", "--node", "s")
         self.assertIn("does not exist", str(e))
+
+
+class FirstGetWrong(Registry):
+    """The first full GET of a blob gets ``wrong`` bytes; later ones the real ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wrong: dict[str, bytes] = {}
+        self.full = 0
+
+    def _blob(self, request: server.Request, digest: str) -> Any:
+        if request.method == b"GET" and not request.getHeader(b"range") and digest in self.wrong:
+            self.full += 1
+            if self.full == 1:
+                saved = self.blobs[digest]
+                self.blobs[digest] = self.wrong[digest]
+                try:
+                    return super()._blob(request, digest)
+                finally:
+                    self.blobs[digest] = saved
+        return super()._blob(request, digest)
+
+
+class RestartedDownloadTests(DfdaemonTestCase):
+    """Wrong bytes from the supernode's fetch streamed, then back to source with good bytes."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.registry = FirstGetWrong()
+        self.registry_url = f"http://127.0.0.1:{self.listen(server.Site(self.registry))}"
+
+    async def test_a_restart_after_bytes_went_out_never_completes_the_response(self) -> None:
+        """The client has the bad first piece: the body must not complete, whatever the second file holds."""
+        data = b"".join(distinct_mebibytes(9))
+        digest = self.registry.add_blob(data)
+        self.registry.wrong[digest] = bytes(b ^ 0xFF for b in data[: 4 * MiB]) + data[4 * MiB:]
+        release = self.registry.hold(digest, 8 * MiB + 1000)
+        daemon = await self.start()
+        response: Any = await self.agent.request(b"GET", f"{daemon.url}/v2/library/app/blobs/sha256:{digest}".encode())
+        body = Collector()
+        response.deliverBody(body)
+        await body.until(4 * MiB)
+        release.callback(None)
+        await body.done
+        await daemon.engine.ended[0]
+        self.assertIsNone(body.reason.check(ResponseDone), f"{len(body.data)} bytes delivered as complete")
+
+
+class Anything(resource.Resource):
+    """A server that says yes (one byte) to every request."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        return b"x"
+
+
+class ForeignOriginTests(DfdaemonTestCase):
+    """Content addressing stays within one origin: another server never unlocks a cached blob."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.registry.credentials = CREDENTIALS
+
+    async def test_private_blob_is_not_served_for_another_servers_url(self) -> None:
+        """User A caches a private blob; B's proxy request for the same digest at B's own server does not get it."""
+        data = os.urandom(4 * MiB + 1)
+        digest = self.registry.add_blob(data)
+        daemon = await self.start()
+        response, body = await self.get(f"{daemon.url}/v2/private/app/blobs/sha256:{digest}",
+                                        {b"Authorization": [CREDENTIALS]})
+        self.assertEqual((response.code, body == data), (200, True))
+        other = f"http://127.0.0.1:{self.listen(server.Site(Anything()))}"
+        proxy = ProxyAgent(TCP4ClientEndpoint(_reactor, "127.0.0.1", daemon.port), _reactor, pool=self.pool)
+        response, body = await self.get(f"{other}/v2/whatever/blobs/sha256:{digest}", agent=proxy)
+        self.assertNotEqual(body, data)
+        self.assertEqual(len(self.supernode.tasks.tasks), 2)
+
+
+class BadTargetTests(DfdaemonTestCase):
+    async def test_unparsable_absolute_uri_is_400(self) -> None:
+        """A target that is not a URL gets 400 with the reason, not a 500."""
+        daemon = await self.start()
+        for target in (f"http://[x/v2/a/blobs/sha256:{'a' * 64}", "http://[::1/x", "http:///x"):
+            client = await self.raw(daemon.port, f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+            await client.closed
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 400 "), (target, client.received[:200]))
+
+    async def test_origin_form_must_start_with_a_slash(self) -> None:
+        """``GET .evil.example/x`` must not become ``<registry>.evil.example/x``."""
+        daemon = await self.start()
+        client = await self.raw(daemon.port, b"GET .evil.example/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        await client.closed
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 400 "), client.received[:200])
+
+
+class LocalrepoSweepTests(SynchronousTestCase):
+    """A --localrepo the user chose may hold other things: the sweep removes only dfdaemon's own old files."""
+
+    def test_only_old_files_named_like_ours_go(self) -> None:
+        from dfly.dfdaemon.tap import LOCALREPO_NAMES
+        from dfly.peer.tap import RESIDUE_AGE, remove_residue
+
+        repo = self.mktemp()
+        os.makedirs(os.path.join(repo, "a-directory"))
+        names = ["0123456789abcdef0123456789abcdef", ".0123456789abcdef0123456789abcdef.1-2.000.tmp",
+                 "notes.txt", "fedcba9876543210fedcba9876543210"]
+        for name in names:
+            with open(os.path.join(repo, name), "wb") as f:
+                f.write(b"x")
+        old = 1_000_000.0
+        for name in names[:3] + ["a-directory"]:
+            os.utime(os.path.join(repo, name), (old, old))
+        remove_residue(repo, set(), old + RESIDUE_AGE + 1, LOCALREPO_NAMES)
+        self.assertEqual(sorted(os.listdir(repo)), ["a-directory", "fedcba9876543210fedcba9876543210", "notes.txt"])
+
+
+class RelayIdleTests(SynchronousTestCase):
+    """A registry that goes silent mid-body does not hold the client forever."""
+
+    class Request:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+            self.aborted = False
+            self.channel = self
+            self.transport = self
+
+        def registerProducer(self, producer: Any, streaming: bool) -> None:
+            pass
+
+        def unregisterProducer(self) -> None:
+            pass
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+        def abortConnection(self) -> None:
+            self.aborted = True
+
+    def test_silence_stops_the_upstream_and_drops_the_client(self) -> None:
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from dfly.dfdaemon.forward import Relay
+
+        clock, request, upstream = Clock(), self.Request(), StringTransport()
+        relay = Relay(request, clock, idle=5)  # type: ignore[arg-type]
+        relay.makeConnection(upstream)
+        clock.advance(4)
+        relay.dataReceived(b"abc")
+        clock.advance(4)
+        self.assertEqual(upstream.producerState, "producing")  # data reset the timer
+        clock.advance(1.5)
+        self.assertEqual(upstream.producerState, "stopped")
+        relay.connectionLost(Failure(ConnectionError("stopped")))
+        self.assertEqual((request.written, request.aborted, relay.done.called), ([b"abc"], True, True))

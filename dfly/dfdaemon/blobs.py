@@ -69,7 +69,17 @@ class OrderedStream:
     def event(self, event: dict[str, Any]) -> None:
         """An engine event: a (new) working file, or a verified piece of it."""
         kind = event.get("event")
+        if self.broken:
+            return
         if kind == "file":
+            if self.started:
+                # A new working file (back to source) after bytes went out: its
+                # bytes need not continue the ones sent (the first fetch may have
+                # been wrong), and the final digest check covers only the new
+                # file.  Splicing them could deliver a wrong blob as complete.
+                log.warn("the download restarted after the response began: dropping the client")
+                self.abandon()
+                return
             self.close()
             try:
                 self.fd = os.open(event["path"], os.O_RDONLY)
@@ -106,7 +116,11 @@ class OrderedStream:
         return max(min(self.prefix, end - 1), 0)
 
     def _pump(self) -> None:
-        if self._sending is not None or self.broken:
+        if self.broken:
+            if self._drained is not None and not self._drained.called:
+                self._drained.callback(None)
+            return
+        if self._sending is not None:
             return
         if self.fd < 0 and not (self.verified and self.length == 0):
             if self.verified:  # complete, yet its working file could not be read

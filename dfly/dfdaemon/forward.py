@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,7 +51,14 @@ def has_body(request: IRequest) -> bool:
     return bool(request.getHeader(b"transfer-encoding")) or (length is not None and length.strip() not in (b"", b"0"))
 
 
-async def forward(request: IRequest, url: str, agent: IAgent) -> None:
+#: How long the real server may take to send its response head, and then
+#: stay silent in the middle of a body, before the client gets a 504 / a
+#: dropped connection.
+RESPONSE_TIMEOUT = 60.0
+
+
+async def forward(request: IRequest, url: str, agent: IAgent, clock: IReactorTime,
+                  timeout: float = RESPONSE_TIMEOUT) -> None:
     """Send ``request`` to ``url`` and relay the answer; the caller finishes nothing."""
     body = None
     if has_body(request):
@@ -60,12 +68,22 @@ async def forward(request: IRequest, url: str, agent: IAgent) -> None:
     # Content-Length from the client would make the request invalid.
     headers = end_to_end(request.requestHeaders, frozenset({b"content-length"}))
     pending = agent.request(request.method, url.encode("utf-8"), headers, body)
+    client_left = False
+
+    def left(_: object) -> None:
+        nonlocal client_left
+        client_left = True
+        pending.cancel()
+
     gone = request.notifyFinish()
-    gone.addErrback(lambda _: pending.cancel())
+    gone.addErrback(left)
+    pending.addTimeout(timeout, clock)
     try:
         response: IResponse = await pending
     except CancelledError:
-        return  # the client went away
+        if not client_left:
+            fail(request, 504, f"dfdaemon: {url} sent no answer within {timeout:g}s")
+        return
     except Exception as e:
         log.warn("{method} {url} failed: {error}", method=request.method.decode(), url=url, error=e)
         fail(request, 502, f"dfdaemon: cannot reach {url}: {e}")
@@ -80,7 +98,7 @@ async def forward(request: IRequest, url: str, agent: IAgent) -> None:
         _discard(response)
         request.finish()
         return
-    relay = Relay(request)
+    relay = Relay(request, clock, timeout)
     response.deliverBody(relay)
     gone.addErrback(lambda _: relay.stop())
     await relay.done
@@ -112,19 +130,23 @@ class Relay(Protocol):
     """Copies a response body into a request, pausing the server while the client is slow.
 
     ``done`` fires once the client has the whole body (the request is then
-    finished); a body cut short drops the client's connection too, so the
-    client sees the same truncation instead of a complete-looking answer.
+    finished); a body cut short (or silent for ``idle`` seconds) drops the
+    client's connection too, so the client sees the same truncation instead
+    of a complete-looking answer.
     """
 
-    def __init__(self, request: IRequest) -> None:
+    def __init__(self, request: IRequest, clock: IReactorTime, idle: float = RESPONSE_TIMEOUT) -> None:
         self.request = request
         self.done: Deferred[None] = Deferred()
+        self._idle_after = idle
+        self._idle = clock.callLater(idle, self.stop)
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
         if not self.done.called:
+            self._idle.reset(self._idle_after)
             self.request.write(data)
 
     def stop(self) -> None:
@@ -132,6 +154,8 @@ class Relay(Protocol):
             self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._idle.active():
+            self._idle.cancel()
         if self.done.called:
             return
         if self.request.channel is None:  # the client went away first

@@ -66,9 +66,15 @@ class Dfdaemon:
             else:
                 self.connect(request)
             return
+        absolute = upstream is None and uri.startswith(("http://", "https://"))
+        try:
+            _check_target(uri, absolute)
+        except ValueError as e:
+            fail(request, 400, f"dfdaemon: {e}")
+            return
         if upstream is not None:  # decrypted from a hijacked CONNECT
             await self.proxy(request, upstream + uri, agent or self.agent)
-        elif uri.startswith(("http://", "https://")):
+        elif absolute:
             await self.proxy(request, uri, self.agent)
         elif uri.split("?", 1)[0] == "/_ping":
             self.ping(request)
@@ -91,7 +97,7 @@ class Dfdaemon:
         if request.method == b"GET" and digest is not None:
             await self.p2p(request, url, digest, self.agent)
         else:
-            await forward(request, url, self.agent)
+            await forward(request, url, self.agent, self.reactor)
 
     async def proxy(self, request: IRequest, url: str, agent: IAgent) -> None:
         action = next((rule.action for rule in self.config.proxies if rule.regex.search(url)), "direct")
@@ -100,11 +106,11 @@ class Dfdaemon:
         if action == "p2p" and request.method == b"GET":
             await self.p2p(request, url, blob_digest(urlsplit(url).path), agent)
         else:
-            await forward(request, url, agent)
+            await forward(request, url, agent, self.reactor)
 
     async def p2p(self, request: IRequest, url: str, digest: str | None, agent: IAgent) -> None:
         await serve_p2p(request, url, digest, self.engine, self.config.nodes, self.localrepo, self.config.ratelimit,
-                        lambda: forward(request, url, agent))
+                        lambda: forward(request, url, agent, self.reactor))
 
     def connect(self, request: IRequest) -> None:
         try:
@@ -128,6 +134,21 @@ class Dfdaemon:
             if rule.regex.search(host) or rule.regex.search(f"{host}:{port}"):
                 return rule
         return None
+
+
+def _check_target(uri: str, absolute: bool) -> None:
+    """An absolute target must be a URL with a host; any other must be a path (``/...``)."""
+    if not absolute:
+        if not uri.startswith("/"):
+            raise ValueError(f"request target {uri[:200]!r} is neither a path nor an http(s) URL")
+        return
+    try:
+        parsed = urlsplit(uri)
+        parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        raise ValueError(f"invalid URL {uri[:200]!r}: {e}") from None
+    if not parsed.hostname:
+        raise ValueError(f"invalid URL {uri[:200]!r}: no host")
 
 
 class DfdaemonRequest(server.Request):

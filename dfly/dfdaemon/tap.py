@@ -11,12 +11,12 @@ dfdaemon on port 0 without twistd.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from typing import Any
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
@@ -44,7 +44,7 @@ from dfly.peer.options import PeerConfig
 from dfly.peer.tap import GC_INTERVAL, PeerDaemon, remove_residue
 from dfly.peer.uploader import UploadStore
 from dfly.ratelimit import HostLimit
-from dfly.services import ListeningService, LogObserverService
+from dfly.services import ListeningService, LogObserverService, tcp_endpoint
 
 
 class Options(usage.Options):
@@ -132,10 +132,10 @@ def dfdaemon_config(options: dict[str, Any]) -> DfdaemonFileConfig:
     return attrs.evolve(config, home=home, localrepo=localrepo)
 
 
-def _endpoint(reactor: Any, port: int, interface: str) -> Any:
-    if ":" in interface:
-        return TCP6ServerEndpoint(reactor, port, interface=interface)
-    return TCP4ServerEndpoint(reactor, port, interface=interface)
+
+#: The names dfdaemon gives files in --localrepo (a blob, or its temporary
+#: name while placed): the sweep touches nothing else there.
+LOCALREPO_NAMES = re.compile(r"\.?[0-9a-f]{32}(\.[^/]+\.tmp)?")
 
 
 class _Housekeeping(Service):
@@ -151,7 +151,7 @@ class _Housekeeping(Service):
 
     def sweep(self) -> None:
         if self.localrepo is not None:
-            remove_residue(self.localrepo, self.uploads.paths(), self.clock.seconds())
+            remove_residue(self.localrepo, self.uploads.paths(), self.clock.seconds(), LOCALREPO_NAMES)
 
     def startService(self) -> None:
         super().startService()
@@ -186,7 +186,7 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     uploads = UploadStore(reactor, limit.tx)
     engine = PeerEngine(reactor, http, home, uploads=uploads, limit=limit)
     token = secrets.token_hex(16)
-    peer = ListeningService(_endpoint(reactor, config.peer_port, "0.0.0.0"),
+    peer = ListeningService(tcp_endpoint(reactor, config.peer_port, "0.0.0.0"),
                             Site(LocalApi(engine, token, uploads).resource()), "peer server")
 
     proxy_pool = HTTPConnectionPool(reactor, persistent=True)
@@ -194,7 +194,7 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     agent = agent_for(reactor, proxy_pool, upstream_policy(config.ca_bundle, config.insecure))
     insecure_agent = agent_for(reactor, proxy_pool, upstream_policy(config.ca_bundle, True))
     dfdaemon = Dfdaemon(reactor, config, engine, localrepo, agent, insecure_agent, ca)
-    proxy = ListeningService(_endpoint(reactor, config.port, config.listen), DfdaemonSite(dfdaemon), "dfdaemon proxy")
+    proxy = ListeningService(tcp_endpoint(reactor, config.port, config.listen), DfdaemonSite(dfdaemon), "dfdaemon proxy")
 
     top = MultiService()
     log_file = open_log(os.path.join(logs, "dfdaemon.log"))

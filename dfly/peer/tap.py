@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import secrets
 import shutil
 from typing import Any, Callable
@@ -17,7 +18,6 @@ from typing import Any, Callable
 import attrs
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import gatherResults
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
@@ -34,7 +34,7 @@ from dfly.peer.storage import remove_quietly
 from dfly.peer.uploader import UploadStore
 from dfly.peer.options import Options, PeerConfig
 from dfly.ratelimit import HostLimit, describe_limit
-from dfly.services import ListeningService, LogObserverService
+from dfly.services import ListeningService, LogObserverService, tcp_endpoint
 
 log = Logger(namespace="dfly.peer")
 
@@ -47,14 +47,20 @@ RESIDUE_AGE = 3600.0
 LEAVE_TIMEOUT = 3.0
 
 
-def remove_residue(directory: str, keep: set[str], now: float) -> None:
-    """Remove what is in ``directory`` (but ``keep``) and older than `RESIDUE_AGE`, e.g. after a crash."""
+def remove_residue(directory: str, keep: set[str], now: float, ours: re.Pattern[str] | None = None) -> None:
+    """Remove what is in ``directory`` (but ``keep``) and older than `RESIDUE_AGE`, e.g. after a crash.
+
+    With ``ours``, only plain files whose names match it: for a directory the
+    user chose, which may hold other things.
+    """
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
         path = os.path.join(directory, name)
+        if ours is not None and (not ours.fullmatch(name) or not os.path.isfile(path) or os.path.islink(path)):
+            continue
         try:
             stale = path not in keep and now - os.lstat(path).st_mtime > RESIDUE_AGE
         except OSError:
@@ -173,9 +179,7 @@ def build_service(config: PeerConfig, reactor: Any, on_idle: Callable[[], None] 
     uploads = UploadStore(reactor, limit.tx)
     engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads, limit=limit)
     token = secrets.token_hex(16)
-    endpoint = (TCP6ServerEndpoint if ":" in config.listen else TCP4ServerEndpoint)(
-        reactor, config.port, interface=config.listen
-    )
+    endpoint = tcp_endpoint(reactor, config.port, config.listen)
     listener = ListeningService(endpoint, Site(LocalApi(engine, token, uploads).resource()), "peer server")
     top = MultiService()
     sign = make_sign(os.getpid(), reactor.seconds())

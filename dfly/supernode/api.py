@@ -11,6 +11,7 @@ import ipaddress
 import platform
 from typing import Any
 
+import hyperlink
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -77,9 +78,12 @@ def parse_registration(body: dict[str, Any]) -> Registration:
     host_name = body.get("hostName", "")
     if not isinstance(host_name, str):
         raise bad_request("hostName must be a string")
-    # A digest makes the task content-addressed: the same bytes are one task
-    # whatever URL (repository, registry, signed query) they were asked by.
-    turl = f"{digest[0]}:{digest[1]}" if digest else task_url(url, parse_filter(filter_spec))
+    # A digest makes the task content-addressed within one origin: the same
+    # bytes are one task whatever path or signed query they were asked by on
+    # that server.  The origin stays in the identity: a caller may only reach
+    # bytes through a server that grants it them (the access probe asks the
+    # caller's own URL), so another server must never unlock them.
+    turl = f"{_origin(url)}#{digest[0]}:{digest[1]}" if digest else task_url(url, parse_filter(filter_spec))
     md5 = md5.lower() if md5 else None
     return Registration(
         url=url,
@@ -94,6 +98,12 @@ def parse_registration(body: dict[str, Any]) -> Registration:
         port=port,
         host_name=host_name,
     )
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of a checked URL, the port always spelled out."""
+    parsed = hyperlink.URL.from_text(url)
+    return f"{parsed.scheme}://{parsed.host.lower()}:{parsed.port}"
 
 
 def _task_id_arg(request: IRequest) -> str:

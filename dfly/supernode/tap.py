@@ -11,7 +11,6 @@ from typing import Any
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -29,7 +28,7 @@ from dfly.config import (
 )
 from dfly.httpclient import make_http_client
 from dfly.logs import line_observer, open_log
-from dfly.services import ListeningService, LogObserverService
+from dfly.services import ListeningService, LogObserverService, tcp_endpoint
 from dfly.ratelimit import TokenBucket, describe_limit
 from dfly.source import SourceClient
 from dfly.stream import thread_runner
@@ -142,11 +141,6 @@ class SupernodeParts:
     cdn: ListeningService
 
 
-def _endpoint(reactor: Any, port: int, interface: str) -> Any:
-    if ":" in interface:
-        return TCP6ServerEndpoint(reactor, port, interface=interface)
-    return TCP4ServerEndpoint(reactor, port, interface=interface)
-
 
 def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     os.makedirs(os.path.join(config.home, "logs"), exist_ok=True)
@@ -167,10 +161,10 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     LogObserverService(line_observer(log_file, str(os.getpid())), log_file.close).setServiceParent(top)
     _Supernode(tasks, pool, reactor, config).setServiceParent(top)
     api_listener = ListeningService(
-        _endpoint(reactor, config.port, config.listen), Site(api.resource()), "register API"
+        tcp_endpoint(reactor, config.port, config.listen), Site(api.resource()), "register API"
     )
     cdn_listener = ListeningService(
-        _endpoint(reactor, config.download_port, config.listen),
+        tcp_endpoint(reactor, config.download_port, config.listen),
         Site(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor))),
         "CDN",
     )

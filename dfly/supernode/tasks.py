@@ -231,7 +231,8 @@ class TaskManager:
         try:
             opened = await self.source.open(reg.url, reg.headers, byte_range=(0, 0))
         except SourceError as e:
-            if e.status != 416:  # an empty file has no byte 0, but we may read it
+            # An empty file has no byte 0: its 416 says "readable", nothing else's does.
+            if not (e.status == 416 and task.length == 0):
                 self._refused(reg.task_id, e)
         else:
             abort_body(opened.response)
