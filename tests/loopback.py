@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
 
 
 class ClosingFactory(WrappingFactory):
@@ -34,3 +36,36 @@ class ClosingFactory(WrappingFactory):
         for p in list(self.protocols):
             p.transport.loseConnection()
         return d
+
+
+class RawClient(Protocol):
+    """HTTP by hand: records every byte, lets the test wait for some, and for the close."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred[None] = Deferred()
+        self._wanted: tuple[bytes, Deferred[bytes]] | None = None
+
+    def until(self, marker: bytes) -> Deferred[bytes]:
+        """Fires with everything received so far once *marker* has arrived."""
+        d: Deferred[bytes] = Deferred()
+        self._wanted = (marker, d)
+        self._check()
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self._check()
+
+    def _check(self) -> None:
+        if self._wanted is not None and self._wanted[0] in self.received:
+            d, self._wanted = self._wanted[1], None
+            d.callback(self.received)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._wanted is not None:
+            d, self._wanted = self._wanted[1], None
+            d.errback(AssertionError(f"closed before {d!r}; got {self.received!r}"))
+        self.closed.callback(None)

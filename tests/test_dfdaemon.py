@@ -55,7 +55,7 @@ from dfly.peer.uploader import UploadStore
 from dfly.pieces import MiB
 from dfly.supernode.tap import SupernodeParts
 from dfly.supernode.tap import build_service as build_supernode
-from tests.loopback import ClosingFactory
+from tests.loopback import ClosingFactory, RawClient
 from tests.test_integration import distinct_mebibytes
 
 reactor: Any = _reactor
@@ -279,38 +279,6 @@ class Collector(Protocol):
             d, self._wanted = self._wanted[1], None
             d.errback(AssertionError(f"body ended after {len(self.data)} bytes: {reason.value!r}"))
         self.done.callback(None)
-
-
-class RawClient(Protocol):
-    """HTTP by hand, for what an Agent will not send or hides: every byte, and the close."""
-
-    transport: Any
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.closed: Deferred[None] = Deferred()
-        self._wanted: tuple[bytes, Deferred[bytes]] | None = None
-
-    def until(self, marker: bytes) -> Deferred[bytes]:
-        d: Deferred[bytes] = Deferred()
-        self._wanted = (marker, d)
-        self._check()
-        return d
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        self._check()
-
-    def _check(self) -> None:
-        if self._wanted is not None and self._wanted[0] in self.received:
-            d, self._wanted = self._wanted[1], None
-            d.callback(self.received)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._wanted is not None:
-            d, self._wanted = self._wanted[1], None
-            d.errback(AssertionError(f"closed before the marker; got {self.received!r}"))
-        self.closed.callback(None)
 
 
 def split_response(raw: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:

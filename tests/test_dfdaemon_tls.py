@@ -44,7 +44,7 @@ import dfly
 from dfly.dfdaemon.ca import CertificateAuthority, generate_ca, upstream_policy
 from dfly.dfdaemon.cli import main
 from dfly.dfdaemon.tunnel import _TunnelEnd, open_tunnel, parse_connect_target, take_over
-from tests.loopback import ClosingFactory
+from tests.loopback import ClosingFactory, RawClient
 
 reactor: Any = _reactor  # Twisted's stubs want a ServerFactory where any IProtocolFactory works
 NOW = 1_800_000_000.0
@@ -427,39 +427,6 @@ class ProxySite(server.Site):
     def __init__(self, on_connect: Callable[[server.Request], object]) -> None:
         super().__init__(Text(b"proxy root"))
         self.on_connect = on_connect
-
-
-class RawClient(Protocol):
-    """HTTP by hand: records every byte, lets the test wait for some, and for the close."""
-
-    transport: Any
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.closed: Deferred[None] = Deferred()
-        self._wanted: tuple[bytes, Deferred[bytes]] | None = None
-
-    def until(self, marker: bytes) -> Deferred[bytes]:
-        """Fires with everything received so far once *marker* has arrived."""
-        d: Deferred[bytes] = Deferred()
-        self._wanted = (marker, d)
-        self._check()
-        return d
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        self._check()
-
-    def _check(self) -> None:
-        if self._wanted is not None and self._wanted[0] in self.received:
-            d, self._wanted = self._wanted[1], None
-            d.callback(self.received)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._wanted is not None:
-            d, self._wanted = self._wanted[1], None
-            d.errback(AssertionError(f"closed before {d!r}; got {self.received!r}"))
-        self.closed.callback(None)
 
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
