@@ -83,7 +83,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from functools import partial
+from collections.abc import Iterator
 from typing import Any, Self, TypeVar
 
 import attrs
@@ -117,7 +118,11 @@ LIMIT_MIB = 64
 LIMIT_RATE = 4 * MIB  # passed as "4M" (dfly's suffixes are binary): 64 MiB take 16 s
 LIMIT_TOLERANCE = 0.05
 
+from benchlib import Children
+from benchlib import wait_for as _wait_for
+
 T = TypeVar("T")
+wait_for = partial(_wait_for, name='cluster')
 
 
 @attrs.frozen
@@ -293,43 +298,6 @@ class Origin:
 
 
 # --- processes -------------------------------------------------------------------
-
-
-class Children:
-    """The long-running processes of a run; leaving the block ends them (SIGTERM, then SIGKILL)."""
-
-    def __init__(self) -> None:
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(argv, env=ENV, **kwargs)
-        self.processes.append(process)
-        return process
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
-    """Poll ``predicate`` until it gives a value, or exit saying ``what`` did not come up."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise SystemExit(f"cluster: {what} did not come up within {timeout:g}s")
 
 
 def start_origin(children: Children, host: Host, directory: str, rate: int) -> Origin:
@@ -625,7 +593,7 @@ def limit_accuracy(work: str) -> tuple[float, bool]:
     digest = make_file(os.path.join(directory, "limit.bin"), LIMIT_MIB)
     home = os.path.join(work, "limit-home")
     output = os.path.join(work, "limit.bin")
-    with Children() as children:
+    with Children(ENV) as children:
         origin = start_origin(children, here, directory, 0)
         node, _ = start_supernode(children, here, os.path.join(work, "limit-supernode"), 0)
         start_peer_daemons(children, [here], [home], 0)

@@ -61,8 +61,8 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Self, TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 import attrs
 
@@ -74,7 +74,11 @@ PACKAGES = "docker-registry skopeo"
 _BLOB_RESPONSE = re.compile(r'"(?:GET|HEAD) /v2/\S+/blobs/sha256:[0-9a-f]{64} HTTP/[\d.]+" (\d{3}) (\d+) ')
 _PIECE = re.compile(r'downloading piece:(\{.*\})$', re.MULTILINE)
 
+from benchlib import Children
+from benchlib import wait_for as _wait_for
+
 T = TypeVar("T")
+wait_for = partial(_wait_for, name='registry bench')
 
 
 def environment(home: str) -> dict[str, str]:
@@ -84,45 +88,6 @@ def environment(home: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
     env["HOME"] = home
     return env
-
-
-class Children:
-    """The long-running processes of a run; leaving the block ends them (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], log: str) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as out:
-            process = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-        self.processes.append(process)
-        return process
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
-    """Poll ``predicate`` until it gives a value, or exit saying ``what`` did not come up."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise SystemExit(f"registry bench: {what} did not come up within {timeout:g}s")
 
 
 def log_match(process: subprocess.Popen[bytes], log: str, pattern: str, what: str) -> re.Match[str]:
