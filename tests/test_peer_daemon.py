@@ -82,6 +82,7 @@ class PeerRequest:
         self.code: int | None = None
         self.writes: list[bytes] = []
         self.producer: Any = None
+        self.args: dict[bytes, list[bytes]] = {}
 
     def getHeader(self, name: bytes) -> bytes | None:
         return self.byte_range if name.lower() == b"range" else None

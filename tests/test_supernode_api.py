@@ -243,8 +243,10 @@ class RegistrationTests(SupernodeApiTestCase):
         answer = self.register(url)
         self.assertEqual(
             (answer.status, answer.code, answer.data),
-            (200, 200, {"taskId": task_id(url), "fileLength": SMALL, "pieceSize": P}),
+            (200, 200, {"taskId": task_id(url), "fileLength": SMALL, "pieceSize": P,
+                        "key": self.tasks.key_for(task_id(url))}),
         )
+        self.assertRegex(answer.data["key"], r"\A[0-9a-f]{32}\Z")
 
     def test_registration_with_md5_uses_it_in_the_task_id(self) -> None:
         """The md5 (lower-cased) is part of the task id."""
@@ -561,17 +563,30 @@ class PullTests(SupernodeApiTestCase):
         piece = self.pull(self.tid).data[0]
         self.assertEqual(
             (piece["cid"].startswith("cdnnode:"), piece["peerIp"], piece["peerPort"], piece["path"]),
-            (True, CDN_IP, CDN_PORT, f"/download/{self.tid[:3]}/{self.tid}"),
+            (True, CDN_IP, CDN_PORT, f"/download/{self.tid[:3]}/{self.tid}?k={self.tasks.key_for(self.tid)}"),
         )
 
     def test_pulled_piece_is_served_by_the_cdn_with_its_digest(self) -> None:
         """The CDN resource serves the pulled path and range, and its bytes match the pieceDigest."""
         piece = self.pull(self.tid).data[1]
-        request = DummyRequest(piece["path"].encode().lstrip(b"/").split(b"/"))
+        path, _, query = piece["path"].partition("?")
+        request = DummyRequest(path.encode().lstrip(b"/").split(b"/"))
+        request.args = {b"k": [query.removeprefix("k=").encode()]}
         request.requestHeaders.setRawHeaders(b"range", [f"bytes={piece['range']}".encode()])
-        child = getChildForRequest(CdnFiles(self.cache), request)
+        child = getChildForRequest(CdnFiles(self.cache, keys=self.tasks.key_for), request)
         self.assertIs(child.render(request), NOT_DONE_YET)
         self.assertEqual((request.responseCode, sha256(b"".join(request.written))), (206, piece["pieceDigest"]))
+
+    def test_cdn_serves_nothing_without_the_tasks_key(self) -> None:
+        """Knowing (or computing) a task id is not enough: without its key, or with another, the CDN says 404."""
+        piece = self.pull(self.tid).data[0]
+        path = piece["path"].partition("?")[0]
+        for args in ({}, {b"k": [b"0" * 32]}):
+            request = DummyRequest(path.encode().lstrip(b"/").split(b"/"))
+            request.args = args
+            child = getChildForRequest(CdnFiles(self.cache, keys=self.tasks.key_for), request)
+            child.render(request)
+            self.assertEqual(request.responseCode, 404, args)
 
     def test_pull_without_advertise_ip_names_the_address_it_was_reached_on(self) -> None:
         """Without --advertise-ip, peerIp is the host address of the API request."""
@@ -628,8 +643,9 @@ class PullTests(SupernodeApiTestCase):
         self.report(self.tid, first[0]["range"])
         got = {p["pieceNum"]: (p["cid"], p["peerIp"], p["peerPort"], p["path"]) for p in self.successResultOf(d).data}
         self.assertEqual(got, {
-            0: ("peer-1", "192.0.2.1", 15001, f"/peer/file/{self.tid}"),
-            4: (f"cdnnode:{CDN_IP}~{self.tid}", CDN_IP, CDN_PORT, f"/download/{self.tid[:3]}/{self.tid}"),
+            0: ("peer-1", "192.0.2.1", 15001, f"/peer/file/{self.tid}?k={self.tasks.key_for(self.tid)}"),
+            4: (f"cdnnode:{CDN_IP}~{self.tid}", CDN_IP, CDN_PORT,
+                f"/download/{self.tid[:3]}/{self.tid}?k={self.tasks.key_for(self.tid)}"),
         })
 
     def test_empty_file_pull_is_600_at_once(self) -> None:
@@ -668,7 +684,7 @@ class PeerSourceTests(SupernodeApiTestCase):
             "cid": "peer-1",
             "peerIp": "192.0.2.1",
             "peerPort": 15001,
-            "path": f"/peer/file/{self.tid}",
+            "path": f"/peer/file/{self.tid}?k={self.tasks.key_for(self.tid)}",
         }]))
 
     def test_peer_that_serves_nothing_is_not_a_source(self) -> None:

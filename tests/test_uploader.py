@@ -382,3 +382,26 @@ class TruncatedOverHttpTests(SynchronousTestCase):
         head, _, body = transport.value().partition(b"\r\n\r\n")
         kept = served.data[100_000:150_000]
         self.assertEqual((body[: len(kept)] == kept, body[len(kept):]), (True, b""))
+
+
+class KeyTests(SynchronousTestCase):
+    """A file registered with a task key is served only to requests carrying it."""
+
+    def setUp(self) -> None:
+        self.served = Served(self)
+        self.served.held.key = "0123456789abcdef0123456789abcdef"
+
+    def test_without_the_key_is_404(self) -> None:
+        """Knowing the task id reads nothing."""
+        response, body = self.served.get(FILE, "bytes=0-9")
+        self.assertEqual((response.code, self.served.data[:10] in body), (404, False))
+
+    def test_with_another_key_is_404(self) -> None:
+        """A wrong key is the same as none."""
+        response, body = self.served.get(FILE + "?k=" + "f" * 32, "bytes=0-9")
+        self.assertEqual(response.code, 404)
+
+    def test_with_the_key_is_206(self) -> None:
+        """The task's own key reads the verified range."""
+        response, body = self.served.get(FILE + "?k=" + self.served.held.key, "bytes=0-9")
+        self.assertEqual((response.code, body), (206, self.served.data[:10]))

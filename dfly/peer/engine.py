@@ -384,7 +384,7 @@ class PeerEngine:
         run.registered = (node, task_id, cid)
         run.open()
         if self.uploads is not None:
-            run.held = HeldFile(task_id, run.path, int(reg["pieceSize"]))
+            run.held = HeldFile(task_id, run.path, int(reg["pieceSize"]), key=reg.get("key") or None)
             self.uploads.add(run.held)
         self._known_length(run, int(reg.get("fileLength", -1)))
         run.emit({"event": "file", "path": run.path, "length": run.length})
@@ -511,7 +511,8 @@ class PeerEngine:
         except (KeyError, ValueError, TypeError) as e:
             raise _PieceFailed("invalid", f"malformed piece task {piece!r}: {e}") from None
         length = end - start + 1
-        url = hyperlink.URL(scheme="http", host=host, port=port).child(*path.strip("/").split("/"))
+        target = hyperlink.URL.from_text(path)  # a path, with the task's key as its query
+        url = hyperlink.URL(scheme="http", host=host, port=port, path=target.path, query=target.query)
         headers = Headers({"Range": [f"bytes={start}-{end}"]})
         try:
             response = await self.http.get(url.to_text(), headers=headers, unbuffered=True,

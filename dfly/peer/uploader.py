@@ -10,6 +10,7 @@ stays flat however many peers pull.
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
 from typing import Any
@@ -43,6 +44,12 @@ class HeldFile:
     # Where it was registered, for the service-down when it expires.
     node: tuple[str, int] = ("", 0)
     cid: str = ""
+    # The task's key from the supernode: requests must carry it (``?k=``), so
+    # knowing a task id reads nothing.  None: served without one.
+    key: str | None = None
+
+    def admits(self, key: bytes | None) -> bool:
+        return self.key is None or (key is not None and hmac.compare_digest(key, self.key.encode()))
 
     def covering(self, start: int, end: int) -> bool:
         span = self.pieces.get(start // self.piece_size)
@@ -84,9 +91,10 @@ class UploadStore:
     def paths(self) -> set[str]:
         return {held.path for held in self.held()}
 
-    def find(self, task_id: str, range_header: bytes | None) -> tuple[HeldFile, int, int]:
+    def find(self, task_id: str, range_header: bytes | None, key: bytes | None = None) -> tuple[HeldFile, int, int]:
         """The file and byte range to serve, or `UploadError` with its status."""
-        if not is_task_id(task_id) or task_id not in self.files:
+        entries = [held for held in self.files.get(task_id, []) if held.admits(key)] if is_task_id(task_id) else []
+        if not entries:
             raise UploadError(404, f"task {task_id} is not held here")
         match = _RANGE.match((range_header or b"").decode("latin-1").strip())
         if match is None:
@@ -94,7 +102,6 @@ class UploadStore:
         start, end = int(match.group(1)), int(match.group(2))
         if end < start:
             raise UploadError(400, "range end before its start")
-        entries = self.files[task_id]
         for held in entries:
             if held.covering(start, end):
                 return held, start, end
@@ -105,7 +112,7 @@ class UploadStore:
 
     def serve(self, request: IRequest, task_id: str) -> Deferred[bytes] | bytes:
         try:
-            held, start, end = self.find(task_id, request.getHeader(b"range"))
+            held, start, end = self.find(task_id, request.getHeader(b"range"), (request.args.get(b"k") or [None])[0])
         except UploadError as e:
             request.setResponseCode(e.status)
             request.setHeader(b"content-type", b"text/plain")

@@ -132,7 +132,7 @@ class SupernodeApi:
             request,
             codes.SUCCESS,
             "success",
-            {"taskId": task.task_id, "fileLength": task.length, "pieceSize": task.piece_size},
+            {"taskId": task.task_id, "fileLength": task.length, "pieceSize": task.piece_size, "key": task.key},
         )
 
     @app.route("/peer/task", methods=["GET"])

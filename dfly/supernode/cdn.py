@@ -10,10 +10,11 @@ bucket, so the CDN's egress has a limit, which Dragonfly's nginx never had).
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -178,9 +179,11 @@ class CdnFiles(resource.Resource):
     like a task's data file resolve, so no request can walk the disk.
     """
 
-    def __init__(self, cache: CdnCache, clock: IReactorTime | None = None, bucket: TokenBucket | None = None) -> None:
+    def __init__(self, cache: CdnCache, clock: IReactorTime | None = None, bucket: TokenBucket | None = None,
+                 keys: Callable[[str], str | None] | None = None) -> None:
         super().__init__()
         self._cache = cache
+        self._keys = keys  # task id -> its key; None: no key needed (tests of the file serving alone)
         self._bucket = bucket
         self._clock = clock if clock is not None else (bucket.clock if bucket is not None else None)
 
@@ -196,6 +199,11 @@ class CdnFiles(resource.Resource):
         task_id = parts[2]
         if not is_task_id(task_id) or task_id[:3] != parts[1]:
             return resource.NoResource()
+        if self._keys is not None:
+            expected = self._keys(task_id)
+            given = (request.args.get(b"k") or [b""])[0].decode("latin-1")
+            if expected is None or not hmac.compare_digest(given, expected):
+                return resource.NoResource("no such task")  # the same answer as a missing task
         path = self._cache.data_path(task_id)
         if not os.path.isfile(path):
             return resource.NoResource("no such task")

@@ -10,6 +10,7 @@ open until a piece arrives, a slot frees, or ``poll_timeout`` passes.
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Any, Mapping, NoReturn
 
 import attrs
@@ -74,6 +75,10 @@ class Task:
     authorized: set[frozenset[tuple[str, str]]] = attrs.Factory(set)
     fetch: Deferred[int] | None = None
     digest: tuple[str, str] | None = None
+    # Handed to registrants only (after their access check); the CDN port and
+    # the peers' uploaders serve this task's bytes only to requests carrying
+    # it, so knowing or computing a task id reads nothing.
+    key: str = attrs.Factory(lambda: secrets.token_hex(16))
     _waiters: list[Deferred[None]] = attrs.Factory(list)
 
     @property
@@ -309,6 +314,11 @@ class TaskManager:
 
     # --- pulls and reports ------------------------------------------------------
 
+    def key_for(self, task_id: str) -> str | None:
+        """The key that reads ``task_id``'s bytes on the CDN port (None: no such task now)."""
+        task = self.tasks.get(task_id)
+        return task.key if task is not None else None
+
     def task(self, task_id: str) -> Task:
         task = self.tasks.get(task_id)
         if task is None:
@@ -378,10 +388,11 @@ class TaskManager:
         }
         if source == CDN:
             info.update(cid=f"{CDN}{cdn_ip}~{task.task_id}", peerIp=cdn_ip, peerPort=cdn_port,
-                        path=self.cache.url_path(task.task_id))
+                        path=f"{self.cache.url_path(task.task_id)}?k={task.key}")
         else:
             holder = task.peers[source]
-            info.update(cid=source, peerIp=holder.ip, peerPort=holder.port, path=peer_path(task.task_id))
+            info.update(cid=source, peerIp=holder.ip, peerPort=holder.port,
+                        path=f"{peer_path(task.task_id)}?k={task.key}")
         return info
 
     def piece_result(self, task_id: str, cid: str, piece: int, success: bool, kind: str = "") -> None:
