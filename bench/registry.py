@@ -47,9 +47,7 @@ and files are removed at the end (``--keep`` keeps the files).
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -57,12 +55,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 
@@ -76,6 +73,9 @@ _PIECE = re.compile(r'downloading piece:(\{.*\})$', re.MULTILINE)
 
 from benchlib import Children
 from benchlib import wait_for as _wait_for
+
+sys.path.insert(0, REPO)  # for tests.oci, the image the system tests push too
+from tests.oci import make_image  # noqa: E402
 
 T = TypeVar("T")
 wait_for = partial(_wait_for, name='registry bench')
@@ -103,44 +103,6 @@ def log_match(process: subprocess.Popen[bytes], log: str, pattern: str, what: st
 
 
 # --- the image and the registry --------------------------------------------------
-
-
-def make_image(root: str, layers: int, layer_size: int) -> dict[str, Any]:
-    """An OCI layout (tag v1) of ``layers`` gzip'd tars of random bytes; its blobs as {digest hex: size}."""
-    os.makedirs(os.path.join(root, "blobs", "sha256"))
-    blobs: dict[str, int] = {}
-
-    def blob(data: bytes) -> dict[str, Any]:
-        digest = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(root, "blobs", "sha256", digest), "wb") as f:
-            f.write(data)
-        blobs[digest] = len(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
-
-    layer_descriptors, diff_ids = [], []
-    for i in range(layers):
-        raw = io.BytesIO()
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            info = tarfile.TarInfo(f"layer{i}.bin")
-            info.size, info.mtime = layer_size + i, 0
-            tar.addfile(info, io.BytesIO(os.urandom(info.size)))
-        diff_ids.append("sha256:" + hashlib.sha256(raw.getvalue()).hexdigest())
-        layer_descriptors.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                                  **blob(gzip.compress(raw.getvalue(), compresslevel=1, mtime=0))})
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/true"]},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(config)},
-                           "layers": layer_descriptors}).encode()
-    manifest_descriptor = blob(manifest)
-    del blobs[manifest_descriptor["digest"][7:]]  # skopeo's dir: keeps it as manifest.json
-    with open(os.path.join(root, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                   "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", **manifest_descriptor,
-                                  "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}, f)
-    with open(os.path.join(root, "oci-layout"), "w") as f:
-        json.dump({"imageLayoutVersion": "1.0.0"}, f)
-    return blobs
 
 
 class Registry:
@@ -280,7 +242,8 @@ def run(args: argparse.Namespace, work: str, skopeo: str, registry_bin: str) -> 
     timeout = 120 + args.hosts * args.layers * args.layer_mib / 10  # generous: 10 MiB/s per pull would do
     with Children(env) as children:
         registry = Registry(children, registry_bin, work)
-        blobs = make_image(os.path.join(work, "image"), args.layers, args.layer_mib * MIB)
+        image = make_image(os.path.join(work, "image"), args.layers, args.layer_mib * MIB)
+        blobs = {blob["digest"][7:]: blob["size"] for blob in image["blobs"]}
         registry.wait_listening()
         push = subprocess.run([skopeo, "copy", "--dest-tls-verify=false", f"oci:{os.path.join(work, 'image')}:v1",
                                f"docker://127.0.0.1:{registry.port}/test/app:1"], env=env, capture_output=True, check=False)
