@@ -244,6 +244,7 @@ class SupernodeFileConfig:
     poll_timeout: float = 5.0
     max_bandwidth: int = 0  # bytes/s of all source fetches together; 0 = unlimited
     max_upload_bandwidth: int = 0  # bytes/s of all CDN uploads together; 0 = unlimited
+    ca_bundle: str | None = None  # PEM roots for https sources instead of the system's
 
 
 _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -256,6 +257,7 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "pollTimeout": ("poll_timeout", parse_duration),
     "maxBandwidth": ("max_bandwidth", parse_size),
     "maxUploadBandwidth": ("max_upload_bandwidth", parse_size),
+    "caBundle": ("ca_bundle", _string),
 }
 
 

@@ -1,12 +1,22 @@
-"""The one way dfly builds its treq client: a persistent, quiet connection pool, no cookies."""
+"""The one way dfly builds its HTTP clients: a persistent, quiet connection pool, no cookies, and
+the TLS policy towards origins and registries (system roots, a CA bundle, or none)."""
 
 from __future__ import annotations
 
+import ipaddress
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
 from treq.client import HTTPClient
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -18,7 +28,7 @@ class QuietConnectionPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
-def make_http_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
+def make_http_client(reactor: Any, policy: IPolicyForHTTPS | None = None) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client and its pool; close the pool (``closeCachedConnections``) on stop.
 
     treq keeps a cookie jar per client; one client fetches for every caller
@@ -28,4 +38,59 @@ def make_http_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
     """
     pool = QuietConnectionPool(reactor, persistent=True)
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    return HTTPClient(Agent(reactor, pool=pool), cookiejar=no_cookies), pool
+    agent = Agent(reactor, contextFactory=policy or BrowserLikePolicyForHTTPS(), pool=pool)
+    return HTTPClient(agent, cookiejar=no_cookies), pool
+
+
+def upstream_policy(ca_bundle: str | None, insecure: bool) -> IPolicyForHTTPS:
+    """The TLS policy towards registries and origins (supernode fetches, dfdaemon, back to source).
+
+    By default the system's trust roots, with the host name verified by
+    service-identity.  *ca_bundle* is a PEM file whose certificates replace
+    the system roots (like curl's ``--cacert``), for registries with a private
+    CA; ValueError when it cannot be read or holds no certificate.
+    *insecure* turns verification off and wins over *ca_bundle*: anyone on
+    the path can then read and change the traffic, so it is for tests and
+    labs only.
+    """
+    if insecure:
+        return _UnverifiedPolicy()
+    if ca_bundle is None:
+        return BrowserLikePolicyForHTTPS()
+    try:
+        with open(ca_bundle, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read CA bundle {ca_bundle}: {e.strerror}") from None
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ValueError(f"{ca_bundle} holds no PEM certificate") from None
+    roots = [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certificates]
+    return BrowserLikePolicyForHTTPS(trustRoot=ssl.trustRootFromCertificates(roots))
+
+
+@implementer(IPolicyForHTTPS)
+class _UnverifiedPolicy:
+    """TLS that accepts any certificate (``insecure``); still sends SNI so virtual hosts work."""
+
+    def __init__(self) -> None:
+        self._context = ssl.CertificateOptions().getContext()  # verify=False is its default
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        return _UnverifiedCreator(self._context, hostname)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedCreator:
+    def __init__(self, context: SSL.Context, hostname: bytes) -> None:
+        self._context = context
+        self._hostname = hostname
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        try:
+            ipaddress.ip_address(self._hostname.decode("ascii"))
+        except ValueError:
+            connection.set_tlsext_host_name(self._hostname)  # SNI carries names, never IP literals
+        return connection

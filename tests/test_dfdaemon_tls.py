@@ -41,7 +41,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import dfly
-from dfly.dfdaemon.ca import CertificateAuthority, generate_ca, upstream_policy
+from dfly.dfdaemon.ca import CertificateAuthority, generate_ca
+from dfly.httpclient import upstream_policy
 from dfly.dfdaemon.cli import main
 from dfly.dfdaemon.tunnel import _TunnelEnd, open_tunnel, parse_connect_target, take_over
 from tests.loopback import ClosingFactory, RawClient
@@ -728,3 +729,27 @@ class GenCaCommandTests(SynchronousTestCase):
     def test_version(self) -> None:
         """--version prints dfget-style version line."""
         self.assertEqual(self.run_main("--version")[:2], (0, f"dfdaemon version:{dfly.__version__}\n"))
+
+
+class SupernodeTrustTests(SynchronousTestCase):
+    """``twistd supernode --ca-bundle`` / ``caBundle``: the roots its source fetches trust."""
+
+    def options(self, *args: str) -> Any:
+        from dfly.supernode.tap import Options as SupernodeOptions
+
+        opts = SupernodeOptions()
+        opts.parseOptions(list(args))
+        return opts["config_obj"]
+
+    def test_flag_sets_the_bundle(self) -> None:
+        """A readable bundle is kept in the config (and used for the fetches' TLS policy)."""
+        directory = self.mktemp()
+        cert, _ = generate_ca(directory)
+        self.assertEqual(self.options("--ca-bundle", cert).ca_bundle, cert)
+
+    def test_unreadable_bundle_stops_the_start(self) -> None:
+        """A bundle that cannot be read is a one-line usage error naming it."""
+        from twisted.python import usage
+
+        error = self.assertRaises(usage.UsageError, self.options, "--ca-bundle", "/nonexistent/ca.pem")
+        self.assertIn("/nonexistent/ca.pem", str(error))

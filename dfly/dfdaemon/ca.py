@@ -31,14 +31,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IReactorTime,
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from twisted.web.client import BrowserLikePolicyForHTTPS
-from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 log = Logger(namespace="dfly.dfdaemon")
@@ -360,56 +357,3 @@ def _normalize_host(host: str) -> str:
     if len(name) > 253 or not _DNS_NAME.fullmatch(name):
         raise ValueError(f"not a valid host name: {host!r}")
     return name
-
-
-# --- dfdaemon to the real registry ------------------------------------------------
-
-
-def upstream_policy(ca_bundle: str | None, insecure: bool) -> IPolicyForHTTPS:
-    """The TLS policy of dfdaemon's `Agent` towards registries and origins.
-
-    By default the system's trust roots, with the host name verified by
-    service-identity.  *ca_bundle* is a PEM file whose certificates replace
-    the system roots (like curl's ``--cacert``), for registries with a private
-    CA; ValueError when it cannot be read or holds no certificate.
-    *insecure* turns verification off and wins over *ca_bundle*: anyone on
-    the path can then read and change the traffic, so it is for tests and
-    labs only.
-    """
-    if insecure:
-        return _UnverifiedPolicy()
-    if ca_bundle is None:
-        return BrowserLikePolicyForHTTPS()
-    data = _read(ca_bundle, "CA bundle")
-    try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise ValueError(f"{ca_bundle} holds no PEM certificate") from None
-    roots = [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certificates]
-    return BrowserLikePolicyForHTTPS(trustRoot=ssl.trustRootFromCertificates(roots))
-
-
-@implementer(IPolicyForHTTPS)
-class _UnverifiedPolicy:
-    """TLS that accepts any certificate (``insecure``); still sends SNI so virtual hosts work."""
-
-    def __init__(self) -> None:
-        self._context = ssl.CertificateOptions().getContext()  # verify=False is its default
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        return _UnverifiedCreator(self._context, hostname)
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedCreator:
-    def __init__(self, context: SSL.Context, hostname: bytes) -> None:
-        self._context = context
-        self._hostname = hostname
-
-    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        connection = SSL.Connection(self._context, None)
-        try:
-            ipaddress.ip_address(self._hostname.decode("ascii"))
-        except ValueError:
-            connection.set_tlsext_host_name(self._hostname)  # SNI carries names, never IP literals
-        return connection

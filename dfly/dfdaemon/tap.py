@@ -33,10 +33,10 @@ from dfly.config import (
     parse_nodes,
     parse_size,
 )
-from dfly.dfdaemon.ca import CertificateAuthority, upstream_policy
+from dfly.dfdaemon.ca import CertificateAuthority
 from dfly.dfdaemon.forward import agent_for
 from dfly.dfdaemon.server import Dfdaemon, DfdaemonSite
-from dfly.httpclient import make_http_client
+from dfly.httpclient import make_http_client, upstream_policy
 from dfly.logs import line_observer, make_sign, open_log
 from dfly.peer.engine import PeerEngine
 from dfly.peer.localapi import LocalApi
@@ -127,6 +127,8 @@ def dfdaemon_config(options: dict[str, Any]) -> DfdaemonFileConfig:
     config = attrs.evolve(config, **changes)
     if not config.nodes:
         raise ValueError("no supernode: give --node host[:port] or nodes in the config file")
+    if config.ca_bundle is not None:
+        upstream_policy(config.ca_bundle, False)  # an unreadable bundle stops the start with its reason
     home = os.path.abspath(os.path.expanduser(config.home))
     localrepo = os.path.abspath(os.path.expanduser(config.localrepo)) if config.localrepo else None
     return attrs.evolve(config, home=home, localrepo=localrepo)
@@ -181,7 +183,9 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     os.makedirs(logs, mode=0o700, exist_ok=True)
     ca = CertificateAuthority.load(config.hijack_cert, config.hijack_key) if config.hijack_cert else None
 
-    http, pool = make_http_client(reactor)
+    # The engine's own fetches (back to source) trust what the proxy trusts.
+    policy = upstream_policy(config.ca_bundle, config.insecure)
+    http, pool = make_http_client(reactor, policy)
     limit = HostLimit(config.ratelimit, reactor)
     uploads = UploadStore(reactor, limit.tx)
     engine = PeerEngine(reactor, http, home, uploads=uploads, limit=limit)
@@ -191,7 +195,7 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
 
     proxy_pool = HTTPConnectionPool(reactor, persistent=True)
     proxy_pool.retryAutomatically = False
-    agent = agent_for(reactor, proxy_pool, upstream_policy(config.ca_bundle, config.insecure))
+    agent = agent_for(reactor, proxy_pool, policy)
     insecure_agent = agent_for(reactor, proxy_pool, upstream_policy(config.ca_bundle, True))
     dfdaemon = Dfdaemon(reactor, config, engine, localrepo, agent, insecure_agent, ca)
     proxy = ListeningService(tcp_endpoint(reactor, config.port, config.listen), DfdaemonSite(dfdaemon), "dfdaemon proxy")

@@ -26,7 +26,7 @@ from dfly.config import (
     parse_duration,
     parse_size,
 )
-from dfly.httpclient import make_http_client
+from dfly.httpclient import make_http_client, upstream_policy
 from dfly.logs import line_observer, open_log
 from dfly.services import ListeningService, LogObserverService, tcp_endpoint
 from dfly.ratelimit import TokenBucket, describe_limit
@@ -61,6 +61,7 @@ class Options(usage.Options):
          "Limit of all source fetches together, in bytes/s (e.g. 200M; 0 = unlimited) [default: 0]."],
         ["max-upload-bandwidth", None, None,
          "Limit of all CDN uploads to peers together, in bytes/s (e.g. 100M; 0 = unlimited) [default: 0]."],
+        ["ca-bundle", None, None, "PEM file of CA certificates to trust for https sources [default: the system's]."],
     ]
 
     def opt_version(self) -> None:
@@ -101,9 +102,13 @@ def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
         changes["poll_timeout"] = parse_duration(options["poll-timeout"])
     if options["max-bandwidth"] is not None:
         changes["max_bandwidth"] = parse_size(options["max-bandwidth"])
+    if options["ca-bundle"] is not None:
+        changes["ca_bundle"] = options["ca-bundle"]
     if options["max-upload-bandwidth"] is not None:
         changes["max_upload_bandwidth"] = parse_size(options["max-upload-bandwidth"])
     config = attrs.evolve(config, **changes)
+    if config.ca_bundle is not None:
+        upstream_policy(config.ca_bundle, False)  # an unreadable bundle stops the start with its reason
     return attrs.evolve(config, home=os.path.abspath(os.path.expanduser(config.home)))
 
 
@@ -144,7 +149,7 @@ class SupernodeParts:
 
 def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     os.makedirs(os.path.join(config.home, "logs"), exist_ok=True)
-    http, pool = make_http_client(reactor)
+    http, pool = make_http_client(reactor, upstream_policy(config.ca_bundle, False))
     cache = CdnCache(config.home)
     tasks = TaskManager(
         cache=cache,

@@ -311,12 +311,13 @@ class RegistryTestCase(TestCase):
             f"oci:{image}:v1", f"docker://127.0.0.1:{self.registry_port}/test/app:1"], self.env())
         self.assertEqual(code, 0, output)
 
-    async def start_supernode(self, **env: str) -> str:
+    async def start_supernode(self, *args: str) -> str:
         """A fresh ``twistd supernode`` on 127.0.0.1; its API as ``host:port``."""
         supernode = self.spawn("supernode", [
             *TWISTD, "-n", "--pidfile=", "-l", "-", "supernode", "--port", "0", "--download-port", "0",
             "--listen", "127.0.0.1", "--advertise-ip", "127.0.0.1", "--home", os.path.join(self.work, "supernode"),
-        ], self.env(**env))
+            *args,
+        ], self.env())
         await supernode.wait_for(rb"CDN listening on 127\.0\.0\.1:\d+")
         match = await supernode.wait_for(rb"register API listening on 127\.0\.0\.1:(\d+)")
         return f"127.0.0.1:{int(match.group(1))}"
@@ -495,9 +496,10 @@ class HijackTests(RegistryTestCase):
             json.dump({"caBundle": registry_ca,
                        "hijackHttps": {"cert": os.path.join(dfly_ca, "ca.crt"), "key": os.path.join(dfly_ca, "ca.key"),
                                        "hosts": [{"regex": "^" + re.escape(REGISTRY_NAME) + "$"}]}}, f)
-        # The supernode and the engine's back-to-source verify with the system's trust store.
-        node = await self.start_supernode(SSL_CERT_FILE=registry_ca)
-        _, port, log = await self.start_dfdaemon("host1", node, "--config", config, SSL_CERT_FILE=registry_ca)
+        # The supernode trusts the registry's CA through --ca-bundle, dfdaemon
+        # (proxy and its engine's back-to-source) through caBundle.
+        node = await self.start_supernode("--ca-bundle", registry_ca)
+        _, port, log = await self.start_dfdaemon("host1", node, "--config", config)
 
         client_certs = os.path.join(self.work, "client-certs")  # only *.crt: a lone ca.key would be a client key
         os.makedirs(client_certs)
@@ -514,7 +516,7 @@ class HijackTests(RegistryTestCase):
         self.assertIn(f"intercepting CONNECT {origin}", self.read(log))
         self.assert_via_p2p(log, f"https://{origin}", image)
         supernode_log = self.read(os.path.join(self.work, "supernode", "logs", "supernode.log"))
-        for blob in image["blobs"]:  # over https, trusting the registry's CA through SSL_CERT_FILE
+        for blob in image["blobs"]:  # over https, trusting the registry's CA through --ca-bundle
             self.assertRegex(supernode_log, r"start to download taskID:\S+ from %s, length:%d " % (
                 re.escape(f"https://{origin}/v2/test/app/blobs/{blob['digest']}"), blob["size"]))
         await self.assert_registry_served_each_blob_once(registry, image)
