@@ -195,6 +195,13 @@ def _apply(path: str, data: Mapping[str, Any], keys: Mapping[str, tuple[str, Cal
     return out
 
 
+def parse_port_flag(value: str, name: str) -> int:
+    """A ``--<name>`` port flag, 0-65535 (0: any free port)."""
+    if not value.isdigit() or not 0 <= int(value) < 65536:
+        raise ValueError(f"invalid --{name} {value!r}: expected 0-65535")
+    return int(value)
+
+
 def _positive_port(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536:
         raise ValueError(f"invalid port {value!r}: expected 0-65535")

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+import hyperlink
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -122,10 +123,8 @@ class Dfdaemon:
         if rule is None or self.ca is None:
             open_tunnel(request, self.reactor, host, port)
             return
-        authority = host if port == 443 else f"{host}:{port}"
-        if ":" in host:
-            authority = f"[{host}]" if port == 443 else f"[{host}]:{port}"
-        site = InterceptedSite(self, f"https://{authority}", self.insecure_agent if rule.insecure else self.agent)
+        upstream = hyperlink.URL(scheme="https", host=host, port=port).to_text()  # brackets, default port left out
+        site = InterceptedSite(self, upstream, self.insecure_agent if rule.insecure else self.agent)
         log.info("intercepting CONNECT {host}:{port}", host=host, port=port)
         take_over(request, site.buildProtocol(None), self.ca.server_creator(host))
 

@@ -31,6 +31,7 @@ from dfly.config import (
     check_registry,
     load_dfdaemon_config,
     parse_nodes,
+    parse_port_flag,
     parse_size,
 )
 from dfly.dfdaemon.ca import CertificateAuthority
@@ -93,19 +94,13 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-def _port(value: str, name: str) -> int:
-    if not value.isdigit() or not 0 <= int(value) < 65536:
-        raise ValueError(f"invalid --{name} {value!r}: expected 0-65535")
-    return int(value)
-
-
 def dfdaemon_config(options: dict[str, Any]) -> DfdaemonFileConfig:
     """The file's values with the given flags on top; ValueError on bad input."""
     path = options["config"]
     config = load_dfdaemon_config(path, required=path != DEFAULT_DFDAEMON_CONFIG)
     changes: dict[str, Any] = {}
     if options["port"] is not None:
-        changes["port"] = _port(options["port"], "port")
+        changes["port"] = parse_port_flag(options["port"], "port")
     if options["listen"] is not None:
         changes["listen"] = check_ip(options["listen"])
     if options["registry"] is not None:
@@ -121,7 +116,7 @@ def dfdaemon_config(options: dict[str, Any]) -> DfdaemonFileConfig:
         except ValueError as e:
             raise ValueError(f"--ratelimit: {e}") from None
     if options["peer-port"] is not None:
-        changes["peer_port"] = _port(options["peer-port"], "peer-port")
+        changes["peer_port"] = parse_port_flag(options["peer-port"], "peer-port")
     if options["insecure"]:
         changes["insecure"] = True
     config = attrs.evolve(config, **changes)

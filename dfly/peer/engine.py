@@ -348,7 +348,7 @@ class PeerEngine:
                     "md5": req.md5,
                     "identifier": req.identifier,
                     # With a digest (and nothing else naming the task) the task is
-                    # the content: the same blob from any URL is one task.
+                    # the content at this URL's server: any path there is one task.
                     "digest": f"{req.digest[0]}:{req.digest[1]}" if req.digest and not (req.md5 or req.identifier) else None,
                     "filter": list(req.filter),
                     "cid": cid,
@@ -474,15 +474,15 @@ class PeerEngine:
             await self._report(run, node, "/peer/piece/error", params)
             return
         run.have.add(num)
+        start, end = parse_range(byte_range)
         if run.held is not None:
             # Servable from now on: verified and on disk.
-            run.held.pieces[num] = parse_range(byte_range)
+            run.held.pieces[num] = (start, end)
         run.done += length
         if dst.startswith("cdnnode:"):
             run.from_supernode += length
         else:
             run.from_peers += length
-        start, end = parse_range(byte_range)
         run.emit({"event": "piece", "start": start, "end": end})
         run.emit({"event": "progress", "done": run.done, "total": run.length})
         await self._report(run, node, "/peer/piece/suc", {"taskId": task_id, "cid": cid, "dstCid": dst, "pieceRange": byte_range})

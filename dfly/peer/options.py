@@ -18,6 +18,7 @@ from dfly.config import (
     default_home,
     load_dfget_config,
     parse_duration,
+    parse_port_flag,
     parse_size,
 )
 
@@ -67,12 +68,10 @@ class Options(usage.Options):
                     total_limit = parse_size(self["totallimit"])
                 except ValueError as e:
                     raise ValueError(f"--totallimit: {e}") from None
-            port = self["port"]
-            if not port.isdigit() or int(port) > 65535:
-                raise ValueError(f"invalid --port {port!r}: expected 0-65535")
+            port = parse_port_flag(self["port"], "port")
             self["config_obj"] = PeerConfig(
                 home=os.path.abspath(os.path.expanduser(self["home"] or default_home())),
-                port=int(port),
+                port=port,
                 listen=check_ip(self["listen"]),
                 ip=check_ip(self["ip"]) if self["ip"] else None,
                 alivetime=parse_duration(self["alivetime"]),

@@ -24,6 +24,7 @@ from dfly.config import (
     check_ip,
     load_supernode_config,
     parse_duration,
+    parse_port_flag,
     parse_size,
 )
 from dfly.httpclient import make_http_client, upstream_policy
@@ -75,21 +76,15 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-def _port_flag(value: str, name: str) -> int:
-    if not value.isdigit() or not 0 <= int(value) < 65536:
-        raise ValueError(f"invalid --{name} {value!r}: expected 0-65535")
-    return int(value)
-
-
 def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
     """The file's values with the given flags on top; ValueError on bad input."""
     path = options["config"]
     config = load_supernode_config(path, required=path != DEFAULT_SUPERNODE_CONFIG)
     changes: dict[str, Any] = {}
     if options["port"] is not None:
-        changes["port"] = _port_flag(options["port"], "port")
+        changes["port"] = parse_port_flag(options["port"], "port")
     if options["download-port"] is not None:
-        changes["download_port"] = _port_flag(options["download-port"], "download-port")
+        changes["download_port"] = parse_port_flag(options["download-port"], "download-port")
     if options["listen"] is not None:
         changes["listen"] = check_ip(options["listen"])
     if options["home"] is not None:
