@@ -252,6 +252,28 @@ class SupernodeFileConfig:
     max_bandwidth: int = 0  # bytes/s of all source fetches together; 0 = unlimited
     max_upload_bandwidth: int = 0  # bytes/s of all CDN uploads together; 0 = unlimited
     ca_bundle: str | None = None  # PEM roots for https sources instead of the system's
+    task_expire_time: float = 180.0  # a task with no peer leaves memory after this
+    access_expire_time: float = 60.0  # how long a source's "yes" to one caller is trusted
+    revalidate_window: float = 5.0  # registrations within this share one revalidation
+    cache_limit: int = 0  # bytes of cache on disk; 0 = keep 20 % of the filesystem free
+    max_tasks: int = 10_000
+    max_peers_per_task: int = 20_000
+    max_fetches: int = 32  # source fetches at once (more wait in a queue)
+    max_file_size: int = 0  # bytes; 0 = unlimited
+    disk_threads: int = 4
+    scheduler: Mapping[str, Any] = attrs.field(factory=dict)  # checked by dfly.supernode.policy
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number >= 1, got {value!r}")
+    return value
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping, got {value!r}")
+    return value
 
 
 _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -265,6 +287,16 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "maxBandwidth": ("max_bandwidth", parse_size),
     "maxUploadBandwidth": ("max_upload_bandwidth", parse_size),
     "caBundle": ("ca_bundle", _string),
+    "taskExpireTime": ("task_expire_time", parse_duration),
+    "accessExpireTime": ("access_expire_time", parse_duration),
+    "revalidateWindow": ("revalidate_window", parse_duration),
+    "cacheLimit": ("cache_limit", parse_size),
+    "maxTasks": ("max_tasks", _count),
+    "maxPeersPerTask": ("max_peers_per_task", _count),
+    "maxFetches": ("max_fetches", _count),
+    "maxFileSize": ("max_file_size", parse_size),
+    "diskThreads": ("disk_threads", _count),
+    "scheduler": ("scheduler", _mapping),
 }
 
 

@@ -125,3 +125,12 @@ def parse_digest(text: str) -> tuple[str, str]:
     if sep and algorithm == "md5" and _HEX32.match(value):
         return algorithm, value
     raise ValueError(f"invalid digest {text!r}: expected sha256:<64 hex digits> or md5:<32 hex digits>")
+
+
+def file_digest(path: str, algorithm: str) -> str:
+    """The hex digest of a whole file (blocking: run it off the reactor thread)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

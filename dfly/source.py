@@ -7,6 +7,7 @@ business (``deliverBody`` into a sink), so nothing here buffers a file.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import attrs
@@ -35,6 +36,7 @@ _HOP_HEADERS = frozenset(
         "Range",
         "If-None-Match",
         "If-Modified-Since",
+        "If-Range",
         "Accept-Encoding",
     )
 )
@@ -59,10 +61,24 @@ class SourceResponse:
     etag: str | None
     last_modified: str | None
     response: IResponse
+    #: For a 206: the first byte and the whole length from Content-Range.
+    range_start: int | None = None
+    total_length: int | None = None
 
     @property
     def not_modified(self) -> bool:
         return self.status == 304
+
+
+_CONTENT_RANGE = re.compile(r"\Abytes (\d+)-(\d+)/(\d+|\*)\Z")
+
+
+def _content_range(headers: Headers) -> tuple[int | None, int | None]:
+    match = _CONTENT_RANGE.match((_first(headers, "Content-Range") or "").strip())
+    if match is None:
+        return None, None
+    total = match.group(3)
+    return int(match.group(1)), (None if total == "*" else int(total))
 
 
 def _first(headers: Headers, name: str) -> str | None:
@@ -100,17 +116,22 @@ class SourceClient:
         headers: Mapping[str, str] = {},
         etag: str | None = None,
         last_modified: str | None = None,
-        byte_range: tuple[int, int] | None = None,
+        byte_range: tuple[int, int | None] | None = None,
+        if_range: str | None = None,
     ) -> "Deferred[SourceResponse]":
         """GET ``url``; fires with the open response or fails with `SourceError`.
+
+        ``byte_range`` (end None: to the end) asks for part of the body;
+        with ``if_range`` (an ETag or a Last-Modified date) the source sends
+        the whole body instead when it changed.
 
         2xx and 304 are answers; 401/403/407 are "needs auth" (608), 404 and 410
         "not reachable" (607), anything else or a network failure 604.
         """
-        return self._open(url, headers, etag, last_modified, byte_range)
+        return self._open(url, headers, etag, last_modified, byte_range, if_range)
 
     @inlineCallbacks
-    def _open(self, url, headers, etag, last_modified, byte_range):  # type: ignore[no-untyped-def]
+    def _open(self, url, headers, etag, last_modified, byte_range, if_range):  # type: ignore[no-untyped-def]
         send = Headers({k: [v] for k, v in headers.items() if k.lower() not in _HOP_HEADERS})
         send.setRawHeaders("Accept-Encoding", ["identity"])
         if etag:
@@ -118,7 +139,10 @@ class SourceClient:
         if last_modified:
             send.setRawHeaders("If-Modified-Since", [last_modified])
         if byte_range is not None:
-            send.setRawHeaders("Range", [f"bytes={byte_range[0]}-{byte_range[1]}"])
+            end = "" if byte_range[1] is None else byte_range[1]
+            send.setRawHeaders("Range", [f"bytes={byte_range[0]}-{end}"])
+            if if_range:
+                send.setRawHeaders("If-Range", [if_range])
         try:
             response = yield self.http.get(
                 url, headers=send, unbuffered=True, timeout=self.timeout, reactor=self.clock
@@ -133,12 +157,15 @@ class SourceClient:
         status = response.code
         if status in (200, 206, 304):
             length = response.length
+            start, total = _content_range(response.headers) if status == 206 else (None, None)
             return SourceResponse(
                 status=status,
                 length=-1 if length is UNKNOWN_LENGTH or status == 304 else int(length),
                 etag=_first(response.headers, "ETag"),
                 last_modified=_first(response.headers, "Last-Modified"),
                 response=response,
+                range_start=start,
+                total_length=total,
             )
         abort_body(response)
         phrase = response.phrase.decode("latin-1", "replace") if isinstance(response.phrase, bytes) else ""

@@ -16,8 +16,8 @@ Invariants:
 - ``done`` fires after the last write (so a retry can never race a stale
   write), except when cancelled: the writer owns a duplicate of the file
   descriptor, so late writes land in the file it was given and nowhere else;
-- the stream fails if it carries more or fewer bytes than expected or goes
-  quiet for ``idle_timeout``;
+- the stream fails if it carries more or fewer bytes than expected, more
+  than ``max_length``, or goes quiet for ``idle_timeout``;
 - with a ``bucket``, every read is charged to it (and its parents) and the
   transport stays paused until the debt is repaid: that is how download
   limits pace the sender, through TCP's own flow control.
@@ -81,8 +81,10 @@ class BodyWriter(Protocol):
         idle_timeout: float = 30.0,
         run_blocking: RunBlocking = run_inline,
         bucket: TokenBucket | None = None,
+        max_length: int = -1,
     ) -> None:
         self._fd = os.dup(fd)
+        self._max = max_length  # -1: no cap (a body of unknown length may be endless)
         self._offset = offset
         self._piece_size = piece_size
         self._expected = expected_length
@@ -120,6 +122,9 @@ class BodyWriter(Protocol):
             return
         if self._expected >= 0 and self.received + len(data) > self._expected:
             self._fail(StreamError(f"body longer than the expected {self._expected} bytes"))
+            return
+        if self._max >= 0 and self.received + len(data) > self._max:
+            self._fail(StreamError(f"body longer than the limit of {self._max} bytes"))
             return
         self.received += len(data)
         self._batch.append(data)

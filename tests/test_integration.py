@@ -540,7 +540,7 @@ class ContentAddressedTests(IntegrationTestCase):
         result = await self.download(req)
         self.assertFailed(result, req, codes.ERR_DOWNLOAD, codes.REASON_DIGEST_MISMATCH)
         task = parts.tasks.tasks[self.registered()["taskId"]]
-        self.assertEqual((task.state, task.fetch), ("failed", None))
+        self.assertEqual((task.state, task.fetch.running), ("failed", False))
         cached = [name for _, _, names in os.walk(os.path.join(self.supernode_home, "repo")) for name in names]
         self.assertEqual(cached, [])
 

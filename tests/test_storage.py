@@ -10,7 +10,8 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from dfly.peer import storage
-from dfly.peer.storage import check_output, file_digest, place, working_name
+from dfly.peer.storage import check_output, place, working_name
+from dfly.pieces import file_digest
 
 
 class WorkingNameTests(SynchronousTestCase):

@@ -34,7 +34,10 @@ from dfly.pieces import DEFAULT_PIECE_SIZE, task_id
 from dfly.source import SourceClient
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
+from dfly.supernode.policy import SchedulerPolicy
 from dfly.supernode.tasks import HUNG_UP_GRACE, SILENCE, TaskManager
+
+FINISHED_SILENCE = SchedulerPolicy().finished_silence
 
 P = DEFAULT_PIECE_SIZE
 ORIGIN = "http://origin.test"
@@ -865,16 +868,35 @@ class SweepTests(SupernodeApiTestCase):
         self.pump()
         self.assertEqual(self.successResultOf(again).code, 602)
 
-    def test_finished_peer_is_not_swept(self) -> None:
-        """A peer that got 600 stays a source however long it stays quiet."""
+    def finished_seed(self) -> str:
+        """``seed`` fetched the one-piece /small and got 600; returns the task id."""
         url = self.serve(b"/small", SMALL)
         tid = self.register_ok(url, cid="seed")
         self.report(tid, self.pull(tid, "seed").data[0]["range"], cid="seed")
         self.assertEqual(self.pull(tid, "seed").code, 600)
-        self.clock.advance(max(3600, 10 * SILENCE))
+        self.small_url = url
+        return tid
+
+    def sources_for_peer_2(self, tid: str) -> list[str]:
+        self.register_ok(self.small_url, cid="peer-2", ip="192.0.2.2", port=15002)
+        return [p["cid"] for p in self.pull(tid, "peer-2").data]
+
+    def test_finished_peer_that_pulls_as_a_heartbeat_stays_a_source(self) -> None:
+        """A finished peer that pulls (600) now and then stays a source for an hour."""
+        tid = self.finished_seed()
+        for _ in range(60):
+            self.clock.advance(FINISHED_SILENCE / 2)
+            self.assertEqual(self.pull(tid, "seed").code, 600)
+            self.tasks.sweep()
+        self.assertEqual(self.sources_for_peer_2(tid), ["seed"])
+
+    def test_finished_peer_silent_for_finished_silence_is_dropped(self) -> None:
+        """A finished peer that says nothing for longer than finished_silence is offered to nobody."""
+        tid = self.finished_seed()
+        self.clock.advance(FINISHED_SILENCE + 0.1)
         self.tasks.sweep()
-        self.register_ok(url, cid="peer-2", ip="192.0.2.2", port=15002)
-        self.assertEqual([p["cid"] for p in self.pull(tid, "peer-2").data], ["seed"])
+        self.assertNotIn("seed", self.tasks.task(tid).peers)
+        self.assertEqual(self.sources_for_peer_2(tid), [f"cdnnode:{CDN_IP}~{tid}"])
 
 
 class LongPollTests(SupernodeApiTestCase):

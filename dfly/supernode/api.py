@@ -20,6 +20,7 @@ from dfly import codes
 from dfly.jsonapi import bad_request, envelope, json_app, query_arg, query_int, read_json
 from dfly.pieces import is_md5, is_task_id, parse_digest, parse_filter, parse_range, piece_num_of, task_id, task_url
 from dfly.urls import check_url, parse_header_lines
+from dfly.supernode.metrics import metrics_registry, render
 from dfly.supernode.tasks import Registration, TaskManager
 
 log = Logger(namespace="dfly.supernode.api")
@@ -120,6 +121,7 @@ class SupernodeApi:
         self.tasks = tasks
         self.download_port = download_port
         self.advertise_ip = advertise_ip
+        self.metrics = metrics_registry(tasks)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -181,6 +183,11 @@ class SupernodeApi:
     def ping(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", b"text/plain")
         return b"OK"
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return render(self.metrics)
 
     @app.route("/version", methods=["GET"])
     def version(self, request: IRequest) -> bytes:

@@ -10,6 +10,7 @@ bucket, so the CDN's egress has a limit, which Dragonfly's nginx never had).
 
 from __future__ import annotations
 
+import enum
 import hmac
 import json
 import os
@@ -22,10 +23,31 @@ from twisted.web import resource
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
-from dfly.pieces import is_task_id, piece_count
+from dfly.pieces import is_task_id, piece_count, piece_digest
 from dfly.ratelimit import TokenBucket, send_range
 
 META_VERSION = 1
+
+
+class FetchState(str, enum.Enum):
+    """Where a task's bytes are; the same words in memory and in ``.meta``."""
+
+    OPENING = "opening"  # asking the source
+    FETCHING = "fetching"  # the body streams into the cache
+    VERIFYING = "verifying"  # every byte is in; checking the whole-file digest
+    DONE = "done"  # complete and checked: a cache entry
+    FAILED = "failed"  # nothing of it is served (and nothing stays cached)
+
+
+#: What a ``.meta`` of an older dfly said for a fetch in progress.
+_OLD_STATES = {"running": FetchState.FETCHING}
+
+
+def _state(value: str | FetchState) -> FetchState:
+    """A state from memory or from a ``.meta`` (ValueError: not one of ours)."""
+    if isinstance(value, FetchState):
+        return value
+    return _OLD_STATES.get(value) or FetchState(value)
 
 
 @attrs.frozen
@@ -39,7 +61,7 @@ class CacheMeta:
     piece_digests: tuple[str, ...] = ()
     etag: str | None = None
     last_modified: str | None = None
-    state: str = "running"  # running | done | failed
+    state: FetchState = attrs.field(default=FetchState.FETCHING, converter=_state)
     md5: str | None = None
     identifier: str | None = None
 
@@ -53,7 +75,7 @@ class CacheMeta:
             "pieceDigests": list(self.piece_digests),
             "etag": self.etag,
             "lastModified": self.last_modified,
-            "state": self.state,
+            "state": self.state.value,
             "md5": self.md5,
             "identifier": self.identifier,
         }
@@ -117,11 +139,49 @@ class CdnCache:
             size = os.path.getsize(self.data_path(task_id))
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if meta.task_id != task_id or meta.state != "done" or size != meta.length:
+        if meta.task_id != task_id or meta.state != FetchState.DONE or size != meta.length:
             return None
         if meta.piece_size <= 0 or len(meta.piece_digests) != piece_count(meta.length, meta.piece_size):
             return None
         return meta
+
+    def load_partial(self, task_id: str) -> CacheMeta | None:
+        """The meta of a fetch that was cut off (a restart), if it can be resumed.
+
+        Resuming needs the length, a validator to send as ``If-Range`` and at
+        least one full piece recorded; the pieces themselves are checked
+        again against their digests before they count (`verified_prefix`).
+        """
+        try:
+            with open(self.meta_path(task_id), encoding="utf-8") as f:
+                meta = CacheMeta.from_json(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if meta.task_id != task_id or meta.state != FetchState.FETCHING or meta.length <= 0:
+            return None
+        if meta.piece_size <= 0 or not meta.piece_digests or not (meta.etag or meta.last_modified):
+            return None
+        if len(meta.piece_digests) >= piece_count(meta.length, meta.piece_size):
+            return None
+        return meta
+
+    def verified_prefix(self, meta: CacheMeta) -> int:
+        """How many leading pieces of the data file still match ``meta``'s digests (blocking)."""
+        good = 0
+        try:
+            with open(self.data_path(meta.task_id), "rb") as f:
+                for digest in meta.piece_digests:
+                    data = f.read(meta.piece_size)
+                    if len(data) != meta.piece_size or piece_digest(data) != digest:
+                        break
+                    good += 1
+        except OSError:
+            return 0
+        return good
+
+    def open_for_resume(self, task_id: str) -> int:
+        """The existing data file, for writing after its verified prefix."""
+        return os.open(self.data_path(task_id), os.O_WRONLY)
 
     def remove(self, task_id: str) -> None:
         """Forget a task's bytes and meta (a failed or wrong fetch)."""
@@ -144,7 +204,7 @@ class CdnCache:
 
 
 _PREFIX = re.compile(r"\A[0-9a-f]{3}\Z")
-_RANGE = re.compile(r"\Abytes=(\d{1,19})?-(\d{1,19})?\Z")
+_RANGE = re.compile(r"\Abytes=(\d+)?-(\d+)?\Z")
 
 
 def parse_byte_range(header: bytes | None, size: int) -> tuple[int, int] | None:
@@ -180,10 +240,12 @@ class CdnFiles(resource.Resource):
     """
 
     def __init__(self, cache: CdnCache, clock: IReactorTime | None = None, bucket: TokenBucket | None = None,
-                 keys: Callable[[str], str | None] | None = None) -> None:
+                 keys: Callable[[str], str | None] | None = None,
+                 on_missing: Callable[[str], None] = lambda task_id: None) -> None:
         super().__init__()
         self._cache = cache
         self._keys = keys  # task id -> its key; None: no key needed (tests of the file serving alone)
+        self._on_missing = on_missing  # a known task's file is gone (removed by hand)
         self._bucket = bucket
         self._clock = clock if clock is not None else (bucket.clock if bucket is not None else None)
 
@@ -206,6 +268,8 @@ class CdnFiles(resource.Resource):
                 return resource.NoResource("no such task")  # the same answer as a missing task
         path = self._cache.data_path(task_id)
         if not os.path.isfile(path):
+            if self._keys is not None:
+                self._on_missing(task_id)
             return resource.NoResource("no such task")
         return _CachedFile(path, self._clock, self._bucket)
 

@@ -1,55 +1,104 @@
 """Which piece each peer fetches next, and from whom (pure: no I/O, no clock).
 
-One `TaskSchedule` per task.  Its state is kept incremental so that a pull
-costs about the number of pieces it hands out, however many peers there are:
+One `TaskSchedule` per task.  Every operation costs a bound that does not
+depend on how many peers hold a piece or are in the task:
 
-- ``buckets[k]`` is the sorted list of ready pieces that exactly ``k`` usable
-  peers hold, so "rarest first" is a walk up the buckets and "nearest to the
-  centre" a bisect and an outward walk inside one;
-- every peer knows its own pieces, running pieces (with their source), upload
-  load, failures and local blacklist;
-- each piece knows its holders, so picking a source probes holders, not peers.
+- ``buckets`` maps a holder count ``k`` to the sorted pieces that exactly
+  ``k`` usable peers hold, with only non-empty counts present, so "rarest
+  first" walks the non-empty buckets (at most one per piece) and "nearest to
+  the centre" is a bisect and an outward walk inside one; moving a piece
+  between buckets is O(log pieces);
+- each piece keeps its holders and, apart, the holders with a free upload
+  slot (`IndexedSet`: O(1) add, remove and random pick), so picking a source
+  costs O(1 + the picker's blacklist), and a departing peer costs O(pieces
+  it held);
+- every peer knows its own pieces, running pieces (with their source),
+  upload load, failures and local blacklist.
 
-Rules (Dragonfly's, with its 0.4 bugs fixed): at most `MAX_RUNNING` pieces
-per downloading peer; a source serves at most `MAX_UPLOADS` at once; the CDN
-serves at most ``cdn_limit`` pieces of a task at once, each to one peer at a
-time, and only when no peer can; a source that failed a peer is never offered to that peer again (local
-blacklist); a source with `ELIMINATION` failures is offered to nobody (global
-blacklist); a peer with more than `ISOLATION` failed pieces gets CDN pieces
-only; a peer that is gone is dropped with everything it held and ran.
+Rules (Dragonfly's, with its 0.4 bugs fixed), limits from `SchedulerPolicy`:
+at most ``max_running`` pieces per downloading peer; a source serves at most
+``max_uploads`` at once; the CDN serves at most ``cdn_task_limit`` pieces of
+a task at once, each to one peer at a time, and only when no peer can; a
+source that failed a peer is never offered to that peer again (local
+blacklist); a source with ``elimination`` faults is offered to nobody
+(global blacklist); a peer with more than ``isolation`` failed pieces gets
+CDN pieces only; a peer that is gone is dropped with everything it held and
+ran.
 """
 
 from __future__ import annotations
 
-import bisect
 import random
-from typing import Iterable
+from typing import Generic, Hashable, Iterable, Iterator, TypeVar
 
 import attrs
+from sortedcontainers import SortedDict, SortedList
 
-#: Pieces one peer downloads at once (Dragonfly's PeerDownLimit).
-MAX_RUNNING = 4
-#: Pieces one peer uploads at once (PeerUpLimit).
-MAX_UPLOADS = 5
-#: Failures as a source after which a peer is offered to nobody.
-ELIMINATION = 5
-#: A peer with more failed pieces than this is served by the CDN only.
-ISOLATION = 5
-#: Pieces of one task the CDN serves at once.
-CDN_TASK_LIMIT = 4
-#: Candidate pieces (lacked, not running) one pull examines at most: bounds
-#: the cost of a pull when most candidates have no free source.
-SCAN_BUDGET = 256
+from dfly.supernode.policy import SchedulerPolicy
 
-#: Failure kinds that are the source's fault, and how much each costs it.
+_DEFAULT = SchedulerPolicy()
+#: Defaults of the policy, kept as names for the tests and the docs.
+MAX_RUNNING = _DEFAULT.max_running
+MAX_UPLOADS = _DEFAULT.max_uploads
+ELIMINATION = _DEFAULT.elimination
+ISOLATION = _DEFAULT.isolation
+CDN_TASK_LIMIT = _DEFAULT.cdn_task_limit
+SCAN_BUDGET = _DEFAULT.scan_budget
+
+#: Failure kinds that are the source's fault, and how much each costs it
+#: ("eliminate": the policy's whole elimination budget at once).
 SOURCE_FAULTS = {
-    "unreachable": ELIMINATION,  # nothing listens there: it is gone
+    "unreachable": "eliminate",  # nothing listens there: it is gone
     "refused": 1,
     "not found": 1,
     "digest mismatch": 1,
     "short body": 1,
     "timeout": 1,
 }
+
+K = TypeVar("K", bound=Hashable)
+
+
+class IndexedSet(Generic[K]):
+    """A set with O(1) add, discard, index and random pick (list + positions)."""
+
+    __slots__ = ("_items", "_pos")
+
+    def __init__(self) -> None:
+        self._items: list[K] = []
+        self._pos: dict[K, int] = {}
+
+    def add(self, item: K) -> None:
+        if item not in self._pos:
+            self._pos[item] = len(self._items)
+            self._items.append(item)
+
+    def discard(self, item: K) -> None:
+        i = self._pos.pop(item, None)
+        if i is None:
+            return
+        last = self._items.pop()
+        if i < len(self._items):
+            self._items[i] = last
+            self._pos[last] = i
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._pos
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._items)
+
+    def rotation(self, rng: random.Random) -> Iterator[K]:
+        """Every item once, starting at a random one (the set must not change meanwhile)."""
+        n = len(self._items)
+        if not n:
+            return
+        start = rng.randrange(n)
+        for i in range(n):
+            yield self._items[(start + i) % n]
 
 
 @attrs.define(eq=False)
@@ -64,9 +113,10 @@ class Peer:
     uploads: int = 0
     failures: int = 0
     service_errors: int = 0
+    eliminated: bool = False
     blacklist: set[str] = attrs.Factory(set)
     last_piece: int = 0
-    # Bookkeeping of the TaskManager (the schedule itself never reads a clock):
+    # Bookkeeping of the supernode (the schedule itself never reads a clock):
     finished: bool = False
     pulls: int = 0  # pulls held open right now
     seen: float = 0.0  # when it last pulled or reported
@@ -74,21 +124,31 @@ class Peer:
 
     @property
     def can_serve(self) -> bool:
-        return self.port > 0 and self.service_errors < ELIMINATION
+        return self.port > 0 and not self.eliminated
 
 
 @attrs.define(eq=False)
 class TaskSchedule:
     cdn_cid: str
-    cdn_limit: int = CDN_TASK_LIMIT
+    cdn_limit: int | None = None  # None: the policy's cdn_task_limit
     rng: random.Random = attrs.Factory(random.Random)
+    policy: SchedulerPolicy = _DEFAULT
     peers: dict[str, Peer] = attrs.Factory(dict)
     ready: int = 0
     cdn_uploads: int = 0
     cdn_pieces: set[int] = attrs.Factory(set)  # pieces the CDN is sending right now
-    holders: dict[int, list[str]] = attrs.Factory(dict)
-    buckets: list[list[int]] = attrs.Factory(lambda: [[]])
-    _removed: set[str] = attrs.Factory(set)  # cids dropped at some point
+    holders: dict[int, IndexedSet[str]] = attrs.Factory(dict)
+    #: Per piece, the holders serving fewer than max_uploads right now.
+    free_holders: dict[int, IndexedSet[str]] = attrs.Factory(dict)
+    #: holder count -> sorted ready pieces with that many holders (no empty buckets).
+    buckets: SortedDict = attrs.Factory(SortedDict)
+    #: Uploads still running from cids that were removed (their downloaders
+    #: report the ends later); a cid registered again starts from this count.
+    _ghost_uploads: dict[str, int] = attrs.Factory(dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.cdn_limit is None:
+            self.cdn_limit = self.policy.cdn_task_limit
 
     # --- membership -------------------------------------------------------------
 
@@ -96,48 +156,55 @@ class TaskSchedule:
         peer = self.peers.get(cid)
         if peer is None:
             peer = self.peers[cid] = Peer(cid, ip, port)
-            if cid in self._removed:
-                # Others may still be fetching from this cid's earlier run; their
-                # ends release slots, so the count must include them.
-                self._removed.discard(cid)
-                peer.uploads = sum(1 for p in self.peers.values() for src in p.running.values() if src == cid)
+            # Others may still be fetching from this cid's earlier run; their
+            # ends release slots, so the count must include them.
+            peer.uploads = self._ghost_uploads.pop(cid, 0)
         return peer
 
-    def remove_peer(self, cid: str) -> None:
-        """The peer is gone: free what it ran, forget what it held."""
+    def remove_peer(self, cid: str) -> Peer | None:
+        """The peer is gone: free what it ran, forget what it held.  Returns it (None: unknown)."""
         peer = self.peers.pop(cid, None)
         if peer is None:
-            return
-        self._removed.add(cid)
+            return None
         for piece, source in peer.running.items():
             self._release(piece, source)
         peer.running.clear()
+        if peer.uploads:
+            self._ghost_uploads[cid] = peer.uploads
         if peer.can_serve:
             self._unhold_all(peer)
+        return peer
 
     def piece_ready(self, piece: int) -> None:
         """The CDN holds pieces ``0..piece`` now (they arrive in order)."""
         while self.ready <= piece:
-            bisect.insort(self.buckets[0], self.ready)
-            self.holders[self.ready] = []
+            self._bucket(0).add(self.ready)
+            self.holders[self.ready] = IndexedSet()
+            self.free_holders[self.ready] = IndexedSet()
             self.ready += 1
 
     # --- pulls --------------------------------------------------------------------
 
+    def need(self, cid: str) -> int:
+        """How many more pieces ``cid`` may run now."""
+        return self.policy.max_running - len(self.peers[cid].running)
+
+    def cdn_free(self) -> bool:
+        assert self.cdn_limit is not None
+        return self.cdn_uploads < self.cdn_limit
+
     def assign(self, cid: str) -> list[tuple[int, str]]:
         """Pieces for ``cid`` to fetch now, each with its source cid; marks them running."""
         peer = self.peers[cid]
-        need = MAX_RUNNING - len(peer.running)
+        need = self.need(cid)
         if need <= 0:
             return []
-        isolated = peer.failures > ISOLATION
-        cdn_free = self.cdn_uploads < self.cdn_limit
+        isolated = peer.failures > self.policy.isolation
+        cdn_free = self.cdn_free()
         center = sum(peer.running) // len(peer.running) if peer.running else peer.last_piece
         chosen: list[tuple[int, str]] = []
-        budget = SCAN_BUDGET
-        for held_by, bucket in enumerate(self.buckets):
-            if not bucket:
-                continue
+        budget = self.policy.scan_budget
+        for held_by, bucket in self.buckets.items():
             if (held_by == 0 or isolated) and not cdn_free:
                 if isolated:
                     break
@@ -155,18 +222,19 @@ class TaskSchedule:
                 chosen.append((piece, source))
                 if len(chosen) == need:
                     return chosen
-                cdn_free = self.cdn_uploads < self.cdn_limit
+                cdn_free = self.cdn_free()
                 if (held_by == 0 or isolated) and not cdn_free:
                     break
         return chosen
 
-    def _nearest(self, bucket: list[int], center: int) -> Iterable[int]:
+    def _nearest(self, bucket: SortedList, center: int) -> Iterable[int]:
         """The bucket's pieces by distance to ``center``, ties broken at random.
 
-        Lazy: a pull usually needs only the first few.  ``bucket`` changes
-        only between pulls, never while this runs (we only start pieces).
+        Lazy: a pull usually needs only the first few.  Starting a piece
+        never moves it between buckets, so ``bucket`` does not change while
+        this runs.
         """
-        right = bisect.bisect_left(bucket, center)
+        right = bucket.bisect_left(center)
         left = right - 1
         while left >= 0 or right < len(bucket):
             if right >= len(bucket):
@@ -185,19 +253,16 @@ class TaskSchedule:
 
     def _source_for(self, peer: Peer, piece: int, cdn_only: bool) -> str | None:
         if not cdn_only:
-            holders = self.holders.get(piece, ())
-            if holders:
-                start = self.rng.randrange(len(holders))
-                for i in range(len(holders)):
-                    cid = holders[(start + i) % len(holders)]
-                    if cid == peer.cid or cid in peer.blacklist:
-                        continue
-                    source = self.peers[cid]
-                    if source.uploads < MAX_UPLOADS:
+            free = self.free_holders.get(piece)
+            if free:
+                # Every member has a free slot: the first one not excluded
+                # wins, so this costs at most 1 + len(blacklist) probes.
+                for cid in free.rotation(self.rng):
+                    if cid != peer.cid and cid not in peer.blacklist:
                         return cid
         # The CDN sends a piece to one peer at a time: the others get it from
         # that peer once it is verified, so the CDN sends each piece about once.
-        if piece < self.ready and self.cdn_uploads < self.cdn_limit and piece not in self.cdn_pieces:
+        if piece < self.ready and self.cdn_free() and piece not in self.cdn_pieces:
             return self.cdn_cid
         return None
 
@@ -208,7 +273,11 @@ class TaskSchedule:
             self.cdn_uploads += 1
             self.cdn_pieces.add(piece)
         else:
-            self.peers[source].uploads += 1
+            src = self.peers[source]
+            src.uploads += 1
+            if src.uploads == self.policy.max_uploads:
+                for held in src.have:
+                    self.free_holders[held].discard(source)
 
     # --- reports ------------------------------------------------------------------
 
@@ -220,60 +289,95 @@ class TaskSchedule:
         self._release(piece, peer.running.pop(piece))
         peer.have.add(piece)
         if peer.can_serve:
-            self._hold(piece, cid)
+            self._hold(piece, peer)
         return True
 
-    def failed(self, cid: str, piece: int, kind: str) -> None:
-        """``cid`` could not get ``piece`` from its source; blame it if it is its fault."""
+    def failed(self, cid: str, piece: int, kind: str) -> str | None:
+        """``cid`` could not get ``piece`` from its source; blame it if it is its fault.
+
+        Returns the cid of a source this failure eliminated (it serves no one
+        from now on), else None.
+        """
         peer = self.peers[cid]
         source = peer.running.pop(piece, None)
         if source is None:
-            return
+            return None
         self._release(piece, source)
         cost = SOURCE_FAULTS.get(kind, 0)
         if not cost:
-            return  # our own trouble (disk, bad task): try again, blame nobody
+            return None  # our own trouble (disk, bad task): try again, blame nobody
         peer.failures += 1
         if source == self.cdn_cid:
-            return
+            return None
         peer.blacklist.add(source)
         blamed = self.peers.get(source)
-        if blamed is not None and blamed.can_serve:
-            blamed.service_errors += cost
-            if not blamed.can_serve:
-                self._unhold_all(blamed)
+        if blamed is None or not blamed.can_serve:
+            return None
+        blamed.service_errors += self.policy.elimination if cost == "eliminate" else int(cost)
+        if blamed.service_errors < self.policy.elimination:
+            return None
+        self._unhold_all(blamed)
+        blamed.eliminated = True
+        return source
 
     def _release(self, piece: int, source: str) -> None:
         if source == self.cdn_cid:
             self.cdn_uploads -= 1
             self.cdn_pieces.discard(piece)
-        else:
-            peer = self.peers.get(source)
-            if peer is not None and peer.uploads > 0:
-                peer.uploads -= 1
+            return
+        peer = self.peers.get(source)
+        if peer is None:
+            ghost = self._ghost_uploads.get(source, 0)
+            if ghost > 1:
+                self._ghost_uploads[source] = ghost - 1
+            else:
+                self._ghost_uploads.pop(source, None)
+            return
+        if peer.uploads <= 0:
+            return
+        peer.uploads -= 1
+        if peer.uploads == self.policy.max_uploads - 1 and peer.can_serve:
+            for held in peer.have:
+                self.free_holders[held].add(source)
 
     # --- holder buckets -------------------------------------------------------------
 
-    def _hold(self, piece: int, cid: str) -> None:
+    def _hold(self, piece: int, peer: Peer) -> None:
         holders = self.holders[piece]
         self._move(piece, len(holders), len(holders) + 1)
-        holders.append(cid)
+        holders.add(peer.cid)
+        if peer.uploads < self.policy.max_uploads:
+            self.free_holders[piece].add(peer.cid)
 
     def _unhold_all(self, peer: Peer) -> None:
         for piece in peer.have:
             holders = self.holders.get(piece)
-            if holders and peer.cid in holders:
-                holders.remove(peer.cid)
+            if holders is not None and peer.cid in holders:
+                holders.discard(peer.cid)
+                self.free_holders[piece].discard(peer.cid)
                 self._move(piece, len(holders) + 1, len(holders))
+
+    def _bucket(self, count: int) -> SortedList:
+        bucket = self.buckets.get(count)
+        if bucket is None:
+            bucket = self.buckets[count] = SortedList()
+        return bucket
 
     def _move(self, piece: int, old: int, new: int) -> None:
         bucket = self.buckets[old]
-        del bucket[bisect.bisect_left(bucket, piece)]
-        while len(self.buckets) <= new:
-            self.buckets.append([])
-        bisect.insort(self.buckets[new], piece)
+        bucket.remove(piece)
+        if not bucket:
+            del self.buckets[old]
+        self._bucket(new).add(piece)
 
-    # --- for tests and invariant checks -----------------------------------------------
+    # --- for the pull queue, tests and invariant checks -------------------------------
 
     def holder_count(self, piece: int) -> int:
         return len(self.holders.get(piece, ()))
+
+    def spare_uploads(self, cid: str) -> int:
+        """How many more pieces ``cid`` could serve right now (0: not a source)."""
+        peer = self.peers.get(cid)
+        if peer is None or not peer.can_serve:
+            return 0
+        return max(self.policy.max_uploads - peer.uploads, 0)

@@ -32,15 +32,19 @@ from dfly.logs import line_observer, open_log
 from dfly.services import ListeningService, LogObserverService, tcp_endpoint
 from dfly.ratelimit import TokenBucket, describe_limit
 from dfly.source import SourceClient
-from dfly.stream import thread_runner
+from dfly.diskpool import DiskPool
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
-from dfly.supernode.tasks import TaskManager
+from dfly.supernode.diskgc import DiskQuota
+from dfly.supernode.policy import policy_from_mapping
+from dfly.supernode.tasks import Limits, TaskManager
 
 log = Logger(namespace="dfly.supernode")
 
-#: How often silent peers are looked for.
+#: How often silent peers, idle tasks and old memories are looked for.
 SWEEP_INTERVAL = 2.0
+#: How often the cache's disk quota is checked (also after every finished fetch).
+DISK_GC_INTERVAL = 30.0
 
 
 class Options(usage.Options):
@@ -63,6 +67,21 @@ class Options(usage.Options):
         ["max-upload-bandwidth", None, None,
          "Limit of all CDN uploads to peers together, in bytes/s (e.g. 100M; 0 = unlimited) [default: 0]."],
         ["ca-bundle", None, None, "PEM file of CA certificates to trust for https sources [default: the system's]."],
+        ["task-expire-time", None, None,
+         "A task with no peer leaves memory after this (its cache stays on disk) [default: 3m]."],
+        ["access-expire-time", None, None,
+         "How long a source's answer to one caller's credentials is trusted before it is asked again "
+         "[default: 60s]."],
+        ["revalidate-window", None, None,
+         "Registrations of a finished task within this share one revalidation with the source [default: 5s]."],
+        ["cache-limit", None, None,
+         "Size of the cache on disk (e.g. 500G); 0 = keep 20% of the cache's filesystem free [default: 0]."],
+        ["max-tasks", None, None, "Tasks held in memory at most; more registrations get 503 [default: 10000]."],
+        ["max-peers-per-task", None, None, "Peers of one task at most; more get 503 [default: 20000]."],
+        ["max-fetches", None, None, "Source fetches at once; more wait in a queue [default: 32]."],
+        ["max-file-size", None, None,
+         "Largest source file fetched (e.g. 20G; also stops endless chunked sources); 0 = unlimited [default: 0]."],
+        ["disk-threads", None, None, "Threads for disk work (hashing, writes, .meta) [default: 4]."],
     ]
 
     def opt_version(self) -> None:
@@ -101,10 +120,40 @@ def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
         changes["ca_bundle"] = options["ca-bundle"]
     if options["max-upload-bandwidth"] is not None:
         changes["max_upload_bandwidth"] = parse_size(options["max-upload-bandwidth"])
+    for flag, field, parse in _MORE_FLAGS:
+        if options[flag] is not None:
+            try:
+                changes[field] = parse(options[flag])
+            except ValueError as e:
+                raise ValueError(f"--{flag}: {e}") from None
     config = attrs.evolve(config, **changes)
+    try:
+        policy_from_mapping(config.scheduler)
+    except ValueError as e:
+        raise ValueError(f"config file {path}: {e}") from None
     if config.ca_bundle is not None:
         upstream_policy(config.ca_bundle, False)  # an unreadable bundle stops the start with its reason
     return attrs.evolve(config, home=os.path.abspath(os.path.expanduser(config.home)))
+
+
+def _count_flag(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+#: Flags that map one to one onto a config field: (flag, field, parser).
+_MORE_FLAGS = (
+    ("task-expire-time", "task_expire_time", parse_duration),
+    ("access-expire-time", "access_expire_time", parse_duration),
+    ("revalidate-window", "revalidate_window", parse_duration),
+    ("cache-limit", "cache_limit", parse_size),
+    ("max-tasks", "max_tasks", _count_flag),
+    ("max-peers-per-task", "max_peers_per_task", _count_flag),
+    ("max-fetches", "max_fetches", _count_flag),
+    ("max-file-size", "max_file_size", parse_size),
+    ("disk-threads", "disk_threads", _count_flag),
+)
 
 
 class _Supernode(Service):
@@ -116,6 +165,13 @@ class _Supernode(Service):
         self.pool = pool
         self._sweep = LoopingCall(tasks.sweep)
         self._sweep.clock = clock
+        self._disk_gc = LoopingCall(self._collect_disk)
+        self._disk_gc.clock = clock
+
+    def _collect_disk(self) -> None:
+        if self.tasks.quota is not None:
+            self.tasks.quota.collect(self.tasks.in_use).addErrback(
+                lambda f: log.failure("cache: the disk quota check failed", f))
 
     def startService(self) -> None:
         super().startService()
@@ -124,11 +180,18 @@ class _Supernode(Service):
             fetch=describe_limit(self.config.max_bandwidth), upload=describe_limit(self.config.max_upload_bandwidth),
         )
         self._sweep.start(SWEEP_INTERVAL, now=False)
+        quota = self.tasks.quota
+        if quota is not None:
+            log.info("cache: {quota}", quota=(f"at most {quota.limit} bytes" if quota.limit
+                                              else "keeps 20% of its filesystem free"))
+            quota.start().addCallback(lambda _: self._disk_gc.start(DISK_GC_INTERVAL, now=True)).addErrback(
+                lambda f: log.failure("cache: cannot read the cache directory", f))
 
     def stopService(self) -> Any:
         super().stopService()
-        if self._sweep.running:
-            self._sweep.stop()
+        for loop in (self._sweep, self._disk_gc):
+            if loop.running:
+                loop.stop()
         self.tasks.stop()
         return self.pool.closeCachedConnections()
 
@@ -146,26 +209,41 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     os.makedirs(os.path.join(config.home, "logs"), exist_ok=True)
     http, pool = make_http_client(reactor, upstream_policy(config.ca_bundle, False))
     cache = CdnCache(config.home)
+    disk = DiskPool(reactor, config.disk_threads)
     tasks = TaskManager(
         cache=cache,
         source=SourceClient(http, reactor),
         clock=reactor,
         fail_access_interval=config.fail_access_interval,
         poll_timeout=config.poll_timeout,
-        run_blocking=thread_runner(reactor),
+        run_blocking=disk.run,
+        disk=disk.run,
         source_bucket=TokenBucket(config.max_bandwidth, reactor),
+        policy=policy_from_mapping(config.scheduler),
+        limits=Limits(
+            max_tasks=config.max_tasks,
+            max_peers_per_task=config.max_peers_per_task,
+            max_fetches=config.max_fetches,
+            max_file_size=config.max_file_size or -1,
+        ),
+        access_ttl=config.access_expire_time,
+        task_expire_time=config.task_expire_time,
+        revalidate_window=config.revalidate_window,
+        quota=DiskQuota(cache, config.cache_limit, disk.run),
     )
     api = SupernodeApi(tasks, config.download_port, config.advertise_ip)
     top = MultiService()
     log_file = open_log(os.path.join(config.home, "logs", "supernode.log"))
     LogObserverService(line_observer(log_file, str(os.getpid())), log_file.close).setServiceParent(top)
+    disk.setServiceParent(top)
     _Supernode(tasks, pool, reactor, config).setServiceParent(top)
     api_listener = ListeningService(
         tcp_endpoint(reactor, config.port, config.listen), Site(api.resource()), "register API"
     )
     cdn_listener = ListeningService(
         tcp_endpoint(reactor, config.download_port, config.listen),
-        Site(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor), tasks.key_for)),
+        Site(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor), tasks.key_for,
+                      tasks.cache_file_missing)),
         "CDN",
     )
     # Peers must be told the CDN port actually bound (it may have been 0).

@@ -1,44 +1,63 @@
-"""Tasks on the supernode: registration, the CDN fetch, pulls and reports.
+"""Tasks on the supernode: where registrations, pulls and reports meet.
 
 A task is born when the first peer registers its URL.  The supernode opens
 the source once with that peer's headers; the same response is the CDN
-fetch, cut into pieces as it streams (`dfly.stream.BodyWriter`), each piece
-pullable the moment it is on disk.  A pull that finds nothing ready is held
-open until a piece arrives, a slot frees, or ``poll_timeout`` passes.
+fetch (`dfly.supernode.fetch`), each piece pullable the moment it is on disk.
+The other concerns live in their own units, which this module only wires:
+
+- `access.SourceAccess`: who may read a task (bounded, expiring, hashed) and
+  the 404 memory;
+- `fetch.CdnFetch`: the fetch as a state machine, with resume and ``.meta``;
+- `scheduler.TaskSchedule`: which piece from whom;
+- `pullqueue.PullQueue`: held pulls, woken only when an event gives them work;
+- `liveness.PeerLiveness`: which peers went silent.
+
+Everything ends: a peer that goes silent or says goodbye leaves at once
+with everything it held; a task with no peer left leaves memory after
+``task_expire_time`` (its cache entry stays on disk for the disk GC); the
+memories of `SourceAccess` expire and are bounded.
+
+A registration for a finished task revalidates it with the source (one
+conditional GET in flight per task, answers shared for
+``revalidate_window``).  A changed source makes a new task *version* with
+its own id, key and cache file: new registrants get the new bytes, peers of
+the old version finish the old one, and no download mixes the two.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import secrets
+from collections import OrderedDict
 from typing import Any, Mapping, NoReturn
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from dfly import codes
 from dfly.jsonapi import ApiError
-from dfly.pieces import format_range, piece_count, piece_range, piece_size_for
+from dfly.pieces import format_range, piece_range, piece_size_for
 from dfly.source import SourceClient, SourceError, SourceResponse, abort_body
-from dfly.ratelimit import TokenBucket
-from dfly.peer.storage import file_digest
-from dfly.stream import BodyWriter, RunBlocking, StreamError, run_inline
-from dfly.supernode import scheduler
-from dfly.supernode.cdn import CacheMeta, CdnCache
+from dfly.supernode import liveness
+from dfly.supernode.access import SourceAccess, access_fingerprint
+from dfly.supernode.cdn import CdnCache, FetchState
+from dfly.supernode.diskgc import DiskQuota
+from dfly.supernode.fetch import CdnFetch, FetchEnv
+from dfly.supernode.liveness import PeerLiveness
+from dfly.supernode.policy import SchedulerPolicy
+from dfly.supernode.pullqueue import REEVALUATE, WAIT_NOW, PullCounters, PullQueue
+from dfly.supernode.scheduler import Peer, TaskSchedule
 
 log = Logger(namespace="dfly.supernode")
 
 #: The scheduler's name for the CDN; peers see ``cdnnode:<ip>~<taskId>``.
 CDN = "cdnnode:"
-#: A downloading peer that neither pulls nor reports for this long is gone.
-#: A live one always has a pull held open or is about to send the next, so
-#: this only needs to cover a busy host's pause between two pulls.
-SILENCE = 6.0
-#: A peer that hung up on a held pull and did not pull again within this is gone.
-HUNG_UP_GRACE = 1.0
+_DEFAULT_POLICY = SchedulerPolicy()
+#: Kept as names for the tests and docs: the policy's defaults.
+SILENCE = _DEFAULT_POLICY.silence
+HUNG_UP_GRACE = _DEFAULT_POLICY.hung_up_grace
 
 
 @attrs.frozen
@@ -47,7 +66,7 @@ class Registration:
 
     url: str
     task_url: str
-    task_id: str
+    task_id: str  # the base id: what this URL (and md5/identifier/digest) computes
     headers: Mapping[str, str]
     md5: str | None
     identifier: str | None
@@ -59,69 +78,69 @@ class Registration:
 
 
 @attrs.define(eq=False)
+class Limits:
+    """Bounds against abuse and accidents; each refusal is a JSON 4xx/5xx and a log line."""
+
+    max_tasks: int = 10_000  # tasks in memory (versions count)
+    max_peers_per_task: int = 20_000
+    max_fetches: int = 32  # source fetches running at once
+    max_fetch_queue: int = 1_000  # registrations waiting for a fetch slot
+    max_file_size: int = -1  # bytes; -1: unlimited
+
+
+@attrs.define(eq=False)
 class Task:
-    task_id: str
-    url: str
-    md5: str | None
-    identifier: str | None
-    piece_size: int
-    length: int  # -1 until known
-    state: str = "fetching"  # fetching | done | failed
-    error: str = ""
-    etag: str | None = None
-    last_modified: str | None = None
-    digests: list[str] = attrs.Factory(list)
-    schedule: scheduler.TaskSchedule = attrs.Factory(lambda: scheduler.TaskSchedule(CDN))
-    authorized: set[frozenset[tuple[str, str]]] = attrs.Factory(set)
-    fetch: Deferred[int] | None = None
-    digest: tuple[str, str] | None = None
+    """One task version in memory: its bytes, its peers and their held pulls."""
+
+    fetch: CdnFetch
+    base_id: str  # what registrations for this URL compute; the id of the first version
+    schedule: TaskSchedule
+    queue: PullQueue
     # Handed to registrants only (after their access check); the CDN port and
-    # the peers' uploaders serve this task's bytes only to requests carrying
-    # it, so knowing or computing a task id reads nothing.
+    # the peers' uploaders serve this version's bytes only to requests
+    # carrying it, so knowing or computing a task id reads nothing.
     key: str = attrs.Factory(lambda: secrets.token_hex(16))
-    _waiters: list[Deferred[None]] = attrs.Factory(list)
+    revalidated_at: float = 0.0
+
+    @property
+    def task_id(self) -> str:
+        return self.fetch.task_id
+
+    @property
+    def url(self) -> str:
+        return self.fetch.url
+
+    @property
+    def state(self) -> FetchState:
+        return self.fetch.state
+
+    @property
+    def error(self) -> str:
+        return self.fetch.error
+
+    @property
+    def length(self) -> int:
+        return self.fetch.length
+
+    @property
+    def piece_size(self) -> int:
+        return self.fetch.piece_size
+
+    @property
+    def digests(self) -> list[str]:
+        return self.fetch.digests
 
     @property
     def ready(self) -> int:
-        return len(self.digests)
-
-    @property
-    def peers(self) -> dict[str, scheduler.Peer]:
-        return self.schedule.peers
-
-    def add_digest(self, digest: str) -> None:
-        self.digests.append(digest)
-        self.schedule.piece_ready(len(self.digests) - 1)
+        return self.fetch.ready
 
     @property
     def total_pieces(self) -> int | None:
-        """Known once the length is; -1 length means still unknown."""
-        return None if self.length < 0 else piece_count(self.length, self.piece_size)
+        return self.fetch.total_pieces
 
-    def meta(self) -> CacheMeta:
-        return CacheMeta(
-            task_id=self.task_id,
-            url=self.url,
-            length=self.length,
-            piece_size=self.piece_size,
-            piece_digests=tuple(self.digests),
-            etag=self.etag,
-            last_modified=self.last_modified,
-            state=self.state,
-            md5=self.md5,
-            identifier=self.identifier,
-        )
-
-    def wait(self) -> Deferred[None]:
-        """Fires on the next change (piece ready, report, end of fetch)."""
-        d: Deferred[None] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
-        self._waiters.append(d)
-        return d
-
-    def changed(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
+    @property
+    def peers(self) -> dict[str, Peer]:
+        return self.schedule.peers
 
 
 def peer_path(task_id: str) -> str:
@@ -129,9 +148,13 @@ def peer_path(task_id: str) -> str:
     return f"/peer/file/{task_id}"
 
 
-def access_key(url: str, headers: Mapping[str, str]) -> frozenset[tuple[str, str]]:
-    """What the source judged: the raw URL (signed query included) and the headers."""
-    return frozenset([("", url), *((k.lower(), v) for k, v in headers.items())])
+def version_id(base_id: str, validator: str) -> str:
+    """The id of the version of ``base_id`` whose source answered with ``validator``.
+
+    Derived, not random, so after a restart the same answer finds the same
+    cache entry instead of fetching it again.
+    """
+    return hashlib.sha256(f"{base_id}\0{validator}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @attrs.define(eq=False)
@@ -142,97 +165,277 @@ class TaskManager:
     fail_access_interval: float = 180.0
     poll_timeout: float = 5.0
     idle_timeout: float = 30.0
-    run_blocking: RunBlocking = run_inline  # where hashing and disk writes run
-    source_bucket: TokenBucket | None = None  # --max-bandwidth, shared by every source fetch
-    tasks: dict[str, Task] = attrs.Factory(dict)
+    run_blocking: Any = None  # where hashing and piece writes run (None: inline)
+    disk: Any = None  # where .meta writes and cache deletions run (None: inline)
+    source_bucket: Any = None  # --max-bandwidth, shared by every source fetch
+    policy: SchedulerPolicy = _DEFAULT_POLICY
+    limits: Limits = attrs.Factory(Limits)
+    access_ttl: float = 60.0
+    task_expire_time: float = 180.0
+    revalidate_window: float = 5.0
+    quota: DiskQuota | None = None  # None: no disk quota (tests of the rest)
+    counters: PullCounters = attrs.Factory(PullCounters)
+    reports: int = 0
+    tasks: dict[str, Task] = attrs.Factory(dict)  # every version in memory, by its id
+    current: dict[str, Task] = attrs.Factory(dict)  # base id -> the version new registrants get
+    access: SourceAccess = attrs.field(init=False)
+    liveness: PeerLiveness = attrs.field(init=False)
+    _env: FetchEnv = attrs.field(init=False)
+    _fetch_slots: DeferredSemaphore = attrs.field(init=False)
     _opening: dict[str, Deferred[Task]] = attrs.Factory(dict)
-    _unreachable: dict[str, tuple[float, str]] = attrs.Factory(dict)
+    _idle: "OrderedDict[str, float]" = attrs.Factory(OrderedDict)
+
+    def __attrs_post_init__(self) -> None:
+        self.access = SourceAccess(self.clock, self.access_ttl, self.fail_access_interval)
+        self.liveness = PeerLiveness(self.policy)
+        kwargs = {k: v for k, v in (("run_blocking", self.run_blocking), ("disk", self.disk)) if v is not None}
+        self._env = FetchEnv(self.cache, self.clock, self.idle_timeout, bucket=self.source_bucket,
+                             max_file_size=self.limits.max_file_size, **kwargs)
+        self._fetch_slots = DeferredSemaphore(self.limits.max_fetches)
 
     # --- registration ---------------------------------------------------------
 
     def register(self, reg: Registration) -> Deferred[Task]:
-        """Add ``reg.cid`` to its task, creating and fetching the task if new.
+        """Add ``reg.cid`` to its task, creating, revalidating or fetching it as needed.
 
         Fails with `ApiError` when the source refuses this caller (608), is
-        missing (607, remembered for ``fail_access_interval``) or unreachable.
+        missing (607, remembered for ``fail_access_interval``) or
+        unreachable, or when a limit is reached (503).
         """
         return Deferred.fromCoroutine(self._register(reg))
 
     async def _register(self, reg: Registration) -> Task:
-        missing = self._unreachable.get(reg.task_id)
-        if missing is not None:
-            since, reason = missing
-            if self.clock.seconds() - since < self.fail_access_interval:
-                raise ApiError(404, codes.URL_NOT_REACHABLE, reason)
-            del self._unreachable[reg.task_id]
+        reason = self.access.missing(reg.task_id)
+        if reason is not None:
+            raise ApiError(404, codes.URL_NOT_REACHABLE, reason)
+        fingerprint = access_fingerprint(reg.url, reg.headers)
+        checked = False
         while reg.task_id in self._opening:
-            # Someone else is opening this task: wait for them, then check our
-            # own access below.  A fresh Deferred, so our cancel is ours alone.
+            # Someone else is opening or revalidating this task: wait for them,
+            # then check our own access below.  A fresh Deferred, so our cancel
+            # is ours alone.
             opening = self._opening[reg.task_id]
             waiter: Deferred[Any] = Deferred()
             opening.addBoth(lambda r: (waiter.callback(None), r)[1])
             await waiter
-        task = self.tasks.get(reg.task_id)
-        if task is None or task.state == "failed":
-            opening = Deferred.fromCoroutine(self._open_task(reg))
-            self._opening[reg.task_id] = opening
-            try:
-                task = await opening
-            finally:
-                self._opening.pop(reg.task_id, None)
-        else:
+        task = self.current.get(reg.task_id)
+        if task is None or task.state == FetchState.FAILED:
+            task = await self._exclusive(reg.task_id, self._open_task(reg))
+            checked = True
+        elif self._due_for_revalidation(task):
+            task = await self._exclusive(reg.task_id, self._revalidate(task, reg))
+            checked = True
+        if not checked and not self.access.allowed(task.task_id, fingerprint):
             await self._check_access(task, reg)
+        self.access.allow(task.task_id, fingerprint)
+        if reg.cid not in task.peers and len(task.peers) >= self.limits.max_peers_per_task:
+            log.warn("taskID:{task_id} has {n} peers (--max-peers-per-task): refused cid:{cid}",
+                     task_id=task.task_id, n=len(task.peers), cid=reg.cid)
+            raise ApiError(503, codes.SYSTEM_ERROR,
+                           f"task {task.task_id} has {len(task.peers)} peers, the limit (--max-peers-per-task)")
         task.schedule.add_peer(reg.cid, reg.ip, reg.port).seen = self.clock.seconds()
+        self._heard(task, task.peers[reg.cid])
+        self._idle.pop(task.task_id, None)
         log.info(
             "success to register peer cid:{cid} ip:{ip} port:{port} for taskID:{task_id}",
-            cid=reg.cid, ip=reg.ip, port=reg.port, task_id=reg.task_id,
+            cid=reg.cid, ip=reg.ip, port=reg.port, task_id=task.task_id,
         )
         return task
 
+    async def _exclusive(self, base_id: str, work: Any) -> Task:
+        """Run ``work`` (a coroutine) as the one opening of ``base_id``; others wait for it."""
+        opening = Deferred.fromCoroutine(work)
+        self._opening[base_id] = opening
+        try:
+            return await opening
+        finally:
+            self._opening.pop(base_id, None)
+
+    def _due_for_revalidation(self, task: Task) -> bool:
+        """A finished task is asked about again once its last answer is older than the window."""
+        fetch = task.fetch
+        return (
+            fetch.state == FetchState.DONE
+            and bool(fetch.etag or fetch.last_modified)  # without a validator nothing can be asked cheaply
+            and self.clock.seconds() - task.revalidated_at > self.revalidate_window
+        )
+
+    def _new_task(self, fetch: CdnFetch, base_id: str) -> Task:
+        if len(self.tasks) >= self.limits.max_tasks:
+            self.collect()
+            if len(self.tasks) >= self.limits.max_tasks:
+                log.warn("{n} tasks in memory (--max-tasks): refused taskID:{task_id}",
+                         n=len(self.tasks), task_id=fetch.task_id)
+                raise ApiError(503, codes.SYSTEM_ERROR,
+                               f"the supernode holds {len(self.tasks)} tasks, its limit (--max-tasks)")
+        schedule = TaskSchedule(CDN, policy=self.policy)
+        task = Task(fetch=fetch, base_id=base_id, schedule=schedule,
+                    queue=PullQueue(schedule, self.counters), revalidated_at=self.clock.seconds())
+        for n in range(fetch.ready):
+            schedule.piece_ready(n)
+        old = self.tasks.get(fetch.task_id)
+        if old is not None and old is not task:
+            self._forget_task(old)
+        self.tasks[fetch.task_id] = task
+        self.current[base_id] = task
+        self._touch(task)
+        return task
+
+    def _touch(self, task: Task) -> None:
+        """The task's cache entry was just used (LRU order of the disk quota)."""
+        if self.quota is not None:
+            fetch = task.fetch
+            self.quota.index.touch(task.task_id, fetch.length if fetch.length >= 0 else fetch.ready * fetch.piece_size)
+
+    def in_use(self, task_id: str) -> bool:
+        """A version in memory is in use: the disk quota never removes its file."""
+        return task_id in self.tasks
+
+    def cache_file_missing(self, task_id: str) -> None:
+        """The CDN port found no data file for a task in memory: it was removed by hand."""
+        task = self.tasks.get(task_id)
+        if task is None or task.fetch.running or task.state == FetchState.FAILED:
+            return
+        task.fetch.fail(f"the cache file of taskID:{task_id} is gone; the next registration fetches it again")
+        if self.quota is not None:
+            self.quota.index.drop(task_id)
+        task.queue.wake_all()
+
     async def _open_task(self, reg: Registration) -> Task:
+        """The first registration of a task (or after it failed or left memory): one GET."""
         stored = self.cache.load_meta(reg.task_id)
         if stored is not None and (stored.url, stored.md5, stored.identifier) != (reg.task_url, reg.md5, reg.identifier):
             stored = None
+        partial = None if stored is not None else self.cache.load_partial(reg.task_id)
+        if partial is not None and (partial.url, partial.md5, partial.identifier) != (reg.task_url, reg.md5, reg.identifier):
+            partial = None
+        resume = 0
+        if partial is not None:
+            resume = await self._env.disk(lambda: self.cache.verified_prefix(partial))
+        slot = await self._fetch_slot(reg.task_id)
         try:
-            opened = await self.source.open(
-                reg.url,
-                reg.headers,
-                etag=stored.etag if stored else None,
-                last_modified=stored.last_modified if stored else None,
+            if resume:
+                assert partial is not None
+                opened = await self._open_source(reg, byte_range=(resume * partial.piece_size, None),
+                                                 if_range=partial.etag or partial.last_modified)
+                if opened.status == 206 and opened.range_start == resume * partial.piece_size \
+                        and opened.total_length == partial.length:
+                    fetch = CdnFetch(
+                        task_id=reg.task_id, url=reg.task_url, md5=reg.md5, identifier=reg.identifier,
+                        digest=reg.digest, piece_size=partial.piece_size, length=partial.length,
+                        digests=list(partial.piece_digests[:resume]),
+                        etag=partial.etag, last_modified=partial.last_modified,
+                    )
+                    return self._start(fetch, reg, opened, slot, resume)
+                if opened.status != 200:
+                    # Not the rest we asked for: start over with a plain GET.
+                    abort_body(opened.response)
+                    log.warn("source {url} answered {status} to a resume of taskID:{task_id}: fetching it whole",
+                             url=reg.url, status=opened.status, task_id=reg.task_id)
+                    opened = await self._open_source(reg)
+            else:
+                opened = await self._open_source(reg, etag=stored.etag if stored else None,
+                                                 last_modified=stored.last_modified if stored else None)
+            if opened.not_modified and stored is not None:
+                abort_body(opened.response)
+                task = self._new_task(CdnFetch.from_cache(stored), reg.task_id)
+                log.info("taskID:{task_id} cache is valid (source answered 304), {n} pieces",
+                         task_id=reg.task_id, n=task.ready)
+                slot.release()
+                return task
+            if opened.status != 200:
+                abort_body(opened.response)
+                raise ApiError(502, codes.SOURCE_FAILED, f"source {reg.url} answered {opened.status} to a plain GET")
+            return self._start(self._fresh_fetch(reg, reg.task_id, opened), reg, opened, slot)
+        except BaseException:
+            slot.release()
+            raise
+
+    async def _revalidate(self, task: Task, reg: Registration) -> Task:
+        """Ask the source whether the finished ``task`` changed, with the caller's headers."""
+        fetch = task.fetch
+        slot = await self._fetch_slot(task.base_id)
+        try:
+            opened = await self._open_source(reg, etag=fetch.etag, last_modified=fetch.last_modified)
+            unchanged = opened.not_modified or (
+                opened.status == 200 and fetch.etag is not None and opened.etag == fetch.etag
+                and not fetch.etag.startswith("W/")
             )
+            if unchanged or opened.status != 200:
+                abort_body(opened.response)
+                if not unchanged:
+                    raise ApiError(502, codes.SOURCE_FAILED,
+                                   f"source {reg.url} answered {opened.status} to a conditional GET")
+                task.revalidated_at = self.clock.seconds()
+                slot.release()
+                return task
+            validator = opened.etag or opened.last_modified or secrets.token_hex(8)
+            new_id = version_id(task.base_id, validator)
+            log.info("source of taskID:{task_id} changed (now {validator}): new version taskID:{new_id}",
+                     task_id=task.task_id, validator=validator, new_id=new_id)
+            existing = self.tasks.get(new_id)
+            if existing is not None and existing.state != FetchState.FAILED:
+                abort_body(opened.response)  # that version is in memory already (the source went back)
+                self.current[task.base_id] = existing
+                existing.revalidated_at = self.clock.seconds()
+                slot.release()
+                return existing
+            stored = self.cache.load_meta(new_id)
+            if stored is not None and stored.url == fetch.url and (stored.etag, stored.last_modified) == (
+                    opened.etag, opened.last_modified) and opened.etag and not opened.etag.startswith("W/"):
+                abort_body(opened.response)  # fetched before a restart: the same strong ETag
+                slot.release()
+                return self._new_task(CdnFetch.from_cache(stored), task.base_id)
+            return self._start(self._fresh_fetch(reg, new_id, opened), reg, opened, slot)
+        except BaseException:
+            slot.release()
+            raise
+
+    def _fresh_fetch(self, reg: Registration, version: str, opened: SourceResponse) -> CdnFetch:
+        max_size = self.limits.max_file_size
+        if max_size >= 0 and opened.length > max_size:
+            abort_body(opened.response)
+            log.warn("source {url} is {length} bytes, over --max-file-size {limit}: refused",
+                     url=reg.url, length=opened.length, limit=max_size)
+            raise ApiError(413, codes.SOURCE_FAILED,
+                           f"source {reg.url} is {opened.length} bytes, larger than the limit of {max_size} "
+                           "(--max-file-size)")
+        return CdnFetch(
+            task_id=version, url=reg.task_url, md5=reg.md5, identifier=reg.identifier, digest=reg.digest,
+            piece_size=piece_size_for(opened.length), length=opened.length,
+            etag=opened.etag, last_modified=opened.last_modified,
+        )
+
+    def _start(self, fetch: CdnFetch, reg: Registration, opened: SourceResponse, slot: "_Slot",
+               resume: int = 0) -> Task:
+        try:
+            task = self._new_task(fetch, reg.task_id)
+        except ApiError:
+            abort_body(opened.response)
+            raise
+        fetch.start(self._env, opened, reg.url, lambda n: self._piece_cached(task, n),
+                    lambda _: self._fetch_ended(task), resume)
+        fetch.ended.addBoth(lambda _: slot.release())
+        return task
+
+    async def _fetch_slot(self, task_id: str) -> "_Slot":
+        """One of ``max_fetches`` source fetches; 503 when too many already wait."""
+        if len(self._fetch_slots.waiting) >= self.limits.max_fetch_queue:
+            log.warn("{n} registrations wait for a source fetch slot: refused taskID:{task_id}",
+                     n=len(self._fetch_slots.waiting), task_id=task_id)
+            raise ApiError(503, codes.SYSTEM_ERROR,
+                           f"{len(self._fetch_slots.waiting)} source fetches are queued already; try again later")
+        await self._fetch_slots.acquire()
+        return _Slot(self._fetch_slots)
+
+    async def _open_source(self, reg: Registration, **kwargs: Any) -> SourceResponse:
+        try:
+            return await self.source.open(reg.url, reg.headers, **kwargs)
         except SourceError as e:
             self._refused(reg.task_id, e)
-        if opened.not_modified and stored is not None:
-            abort_body(opened.response)
-            task = Task(
-                task_id=reg.task_id, url=reg.task_url, md5=reg.md5, identifier=reg.identifier,
-                piece_size=stored.piece_size, length=stored.length, state="done",
-                etag=stored.etag, last_modified=stored.last_modified,
-            )
-            for digest in stored.piece_digests:
-                task.add_digest(digest)
-            log.info("taskID:{task_id} cache is valid (source answered 304), {n} pieces", task_id=reg.task_id, n=task.ready)
-        elif opened.status == 200:
-            task = Task(
-                task_id=reg.task_id, url=reg.task_url, md5=reg.md5, identifier=reg.identifier,
-                piece_size=piece_size_for(opened.length), length=opened.length,
-                etag=opened.etag, last_modified=opened.last_modified, digest=reg.digest,
-            )
-            self._start_fetch(task, opened, reg.url)
-        else:
-            abort_body(opened.response)
-            raise ApiError(
-                502, codes.SOURCE_FAILED, f"source {reg.url} answered {opened.status} to a plain GET"
-            )
-        task.authorized.add(access_key(reg.url, reg.headers))
-        self.tasks[reg.task_id] = task
-        return task
 
     async def _check_access(self, task: Task, reg: Registration) -> None:
         """Ask the source whether this caller may read the URL (cached bytes or not)."""
-        fingerprint = access_key(reg.url, reg.headers)
-        if fingerprint in task.authorized:
-            return
         try:
             opened = await self.source.open(reg.url, reg.headers, byte_range=(0, 0))
         except SourceError as e:
@@ -241,76 +444,32 @@ class TaskManager:
                 self._refused(reg.task_id, e)
         else:
             abort_body(opened.response)
-        task.authorized.add(fingerprint)
 
     def _refused(self, task_id: str, error: SourceError) -> NoReturn:
         log.warn("source refused taskID:{task_id}: {reason}", task_id=task_id, reason=error.reason)
         if error.code == codes.URL_NOT_REACHABLE:
-            self._unreachable[task_id] = (self.clock.seconds(), error.reason)
+            self.access.remember_missing(task_id, error.reason)
             raise ApiError(404, error.code, error.reason)
         if error.code == codes.NEED_AUTH:
             raise ApiError(403, error.code, error.reason)
         raise ApiError(502, error.code, error.reason)
 
-    # --- the CDN fetch ----------------------------------------------------------
+    # --- the CDN fetch's events ---------------------------------------------------
 
-    def _start_fetch(self, task: Task, opened: SourceResponse, url: str) -> None:
-        fd = self.cache.open_for_write(task.task_id)
-        self.cache.save_meta(task.meta())
-        log.info(
-            "start to download taskID:{task_id} from {url}, length:{length} pieceSize:{piece_size}",
-            task_id=task.task_id, url=url, length=task.length, piece_size=task.piece_size,
-        )
+    def _piece_cached(self, task: Task, n: int) -> None:
+        task.schedule.piece_ready(n)
+        if task.schedule.cdn_free():
+            task.queue.offer(1)
 
-        def piece_ready(index: int, length: int, digest: str) -> None:
-            if length < task.piece_size:
-                # Only the last piece is short: now the length is known, and
-                # pulls woken below must offer this piece's real range.
-                task.length = index * task.piece_size + length
-            task.add_digest(digest)
-            task.changed()
-
-        writer = BodyWriter(fd, 0, task.piece_size, task.length, piece_ready, self.clock, self.idle_timeout,
-                            self.run_blocking, self.source_bucket)
-        task.fetch = writer.done
-        opened.response.deliverBody(writer)
-
-        def verify(length: int) -> Deferred[int] | int:
-            if task.digest is None:
-                return length
-            algorithm, expected = task.digest
-            path = self.cache.data_path(task.task_id)
-
-            def compare(actual: str) -> int:
-                if actual != expected:
-                    raise StreamError(f"{algorithm} of the source is {actual}, expected {expected}")
-                return length
-
-            return self.run_blocking(lambda: file_digest(path, algorithm)).addCallback(compare)
-
-        def finished(length: int) -> None:
-            task.length = length
-            task.state = "done"
-            log.info(
-                "success to get taskID:{task_id} fileLength:{length} pieces:{n}",
-                task_id=task.task_id, length=length, n=task.ready,
-            )
-
-        def failed(failure: Failure) -> None:
-            task.state = "failed"
-            task.error = f"CDN fetch of {url} failed: {failure.getErrorMessage()}"
-            log.error("{error}", error=task.error)
-
-        def closed(_: object) -> None:
-            os.close(fd)
-            task.fetch = None
-            if task.state == "failed":
-                self.cache.remove(task.task_id)  # nothing half-fetched or wrong stays cached
+    def _fetch_ended(self, task: Task) -> None:
+        task.queue.wake_all()  # done: finished peers get 600; failed: everyone gets 502
+        if self.quota is not None:
+            if task.state == FetchState.FAILED:
+                self.quota.index.drop(task.task_id)
             else:
-                self.cache.save_meta(task.meta())
-            task.changed()
-
-        writer.done.addCallback(verify).addCallbacks(finished, failed).addBoth(closed)
+                self._touch(task)
+                self.quota.collect(self.in_use)
+        self._maybe_idle(task)
 
     # --- pulls and reports ------------------------------------------------------
 
@@ -325,7 +484,7 @@ class TaskManager:
             raise ApiError(404, codes.TARGET_NOT_FOUND, f"unknown task {task_id!r}: register first")
         return task
 
-    def progress(self, task_id: str, cid: str) -> tuple[Task, scheduler.Peer]:
+    def progress(self, task_id: str, cid: str) -> tuple[Task, Peer]:
         task = self.task(task_id)
         peer = task.peers.get(cid)
         if peer is None:
@@ -341,18 +500,18 @@ class TaskManager:
         deadline = self.clock.seconds() + self.poll_timeout
         peer.pulls += 1
         peer.hung_up = False
+        self.liveness.forget((task_id, cid))  # a held pull is a live peer
         try:
             while True:
-                if task.state == "failed":
+                if task.state == FetchState.FAILED:
                     raise ApiError(502, codes.SOURCE_ERROR, task.error)
                 if task.peers.get(cid) is not peer:
                     raise ApiError(404, codes.TARGET_NOT_FOUND, f"cid {cid!r} was dropped from task {task_id}")
+                self.counters.assign_calls += 1
                 chosen = task.schedule.assign(cid)
                 if chosen:
-                    return codes.PEER_CONTINUE, [
-                        self._piece_info(task, n, source, cdn_ip, cdn_port) for n, source in chosen
-                    ]
-                if task.state == "done" and len(peer.have) >= (task.total_pieces or 0):
+                    return codes.PEER_CONTINUE, [self._piece_info(task, n, src, cdn_ip, cdn_port) for n, src in chosen]
+                if task.state == FetchState.DONE and len(peer.have) >= (task.total_pieces or 0):
                     peer.finished = True
                     return codes.PEER_FINISH, {
                         "fileLength": task.length,
@@ -363,9 +522,13 @@ class TaskManager:
                 if remaining <= 0:
                     return codes.PEER_WAIT, None
                 try:
-                    await task.wait().addTimeout(remaining, self.clock)
+                    woken = await task.queue.hold(cid).addTimeout(remaining, self.clock)
                 except TimeoutError:
-                    pass
+                    return codes.PEER_WAIT, None
+                if woken is WAIT_NOW:
+                    return codes.PEER_WAIT, None
+                if woken is not REEVALUATE:
+                    return codes.PEER_CONTINUE, [self._piece_info(task, n, src, cdn_ip, cdn_port) for n, src in woken]
         except CancelledError:
             # The peer closed a held pull: a live peer never does, a killed one
             # does at once (its kernel closes the socket).
@@ -374,6 +537,8 @@ class TaskManager:
         finally:
             peer.pulls -= 1
             peer.seen = self.clock.seconds()
+            if task.peers.get(cid) is peer:
+                self._heard(task, peer)
 
     def _piece_info(self, task: Task, n: int, source: str, cdn_ip: str, cdn_port: int) -> dict[str, Any]:
         # While the length is unknown, every ready piece but the last is full;
@@ -396,39 +561,110 @@ class TaskManager:
         return info
 
     def piece_result(self, task_id: str, cid: str, piece: int, success: bool, kind: str = "") -> None:
-        """A verified piece makes ``cid`` a holder; a failure blames its source."""
+        """A verified piece makes ``cid`` a holder; a failure blames its source.
+
+        Either way a slot of ``cid`` and one of its source are free: wake
+        ``cid``'s own parked pull and hand the freed source slot (and, on
+        success, the new holder's spare uploads) to the first hungry pulls.
+        """
         task, peer = self.progress(task_id, cid)
+        self.reports += 1
         peer.seen = self.clock.seconds()
+        if not peer.pulls:
+            self._heard(task, peer)
+        was_running = piece in peer.running
         if success:
             if not task.schedule.succeeded(cid, piece):
                 raise ApiError(400, codes.PARAM_ERROR, f"piece {piece} was not assigned to {cid}")
+            if was_running:
+                task.queue.slot_freed(cid)
+                task.queue.offer(1 + task.schedule.spare_uploads(cid))
         else:
             task.schedule.failed(cid, piece, kind)
-        task.changed()
+            if was_running:
+                task.queue.slot_freed(cid)
+                task.queue.offer(1)
 
     def service_down(self, task_id: str, cid: str) -> None:
         task, _ = self.progress(task_id, cid)
+        self._remove_peer(task, cid)
+
+    def _remove_peer(self, task: Task, cid: str) -> None:
+        """``cid`` is gone: its state goes at once, and the slots it held go to others."""
+        peer = task.peers.get(cid)
+        if peer is None:
+            return
+        freed = len(peer.running)
         task.schedule.remove_peer(cid)
-        task.changed()
+        task.queue.drop(cid)
+        self.liveness.forget((task.task_id, cid))
+        task.queue.offer(freed)
+        self._maybe_idle(task)
+
+    def _heard(self, task: Task, peer: Peer) -> None:
+        kind = liveness.HUNG_UP if peer.hung_up else liveness.FINISHED if peer.finished else liveness.DOWNLOADING
+        self.liveness.heard((task.task_id, peer.cid), kind, peer.seen)
+
+    # --- everything ends ------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Drop downloading peers that went silent (killed without a word)."""
+        """Drop silent peers, expire idle tasks and old memories: O(what expires)."""
+        self.collect()
+
+    def collect(self) -> None:
         now = self.clock.seconds()
-        for task in self.tasks.values():
-            gone = [
-                peer.cid for peer in task.peers.values()
-                if not peer.finished and not peer.pulls
-                and now - peer.seen > (HUNG_UP_GRACE if peer.hung_up else SILENCE)
-            ]
-            for cid in gone:
-                log.warn("cid:{cid} of taskID:{task_id} went silent: dropped", cid=cid, task_id=task.task_id)
-                task.schedule.remove_peer(cid)
-            if gone:
-                task.changed()
+        for task_id, cid in list(self.liveness.expired(now)):
+            task = self.tasks.get(task_id)
+            if task is None or cid not in task.peers or task.peers[cid].pulls:
+                continue
+            log.warn("cid:{cid} of taskID:{task_id} went silent: dropped", cid=cid, task_id=task_id)
+            self._remove_peer(task, cid)
+        while self._idle:
+            task_id, since = next(iter(self._idle.items()))
+            if now - since <= self.task_expire_time:
+                break
+            del self._idle[task_id]
+            task = self.tasks.get(task_id)
+            if task is not None and not task.peers and not task.fetch.running:
+                log.info("taskID:{task_id} had no peer for {t:g}s: leaves memory (its cache stays on disk)",
+                         task_id=task_id, t=self.task_expire_time)
+                self._forget_task(task)
+        self.access.expire()
+
+    def _maybe_idle(self, task: Task) -> None:
+        if not task.peers and not task.fetch.running and self.tasks.get(task.task_id) is task:
+            self._idle.setdefault(task.task_id, self.clock.seconds())
+
+    def _forget_task(self, task: Task) -> None:
+        if self.tasks.get(task.task_id) is task:
+            del self.tasks[task.task_id]
+            if task.state != FetchState.FAILED:
+                self._touch(task)
+        if self.current.get(task.base_id) is task:
+            del self.current[task.base_id]
+        self._idle.pop(task.task_id, None)
+        for cid in list(task.peers):
+            self.liveness.forget((task.task_id, cid))
+        task.queue.wake_all()
+
+    def held_pulls(self) -> int:
+        return sum(len(task.queue) for task in self.tasks.values())
 
     def stop(self) -> None:
-        """Cancel running fetches (their metas stay 'running', so no cache hit)."""
+        """Cancel running fetches (their metas stay 'fetching': resumable, no cache hit)."""
         for task in list(self.tasks.values()):
-            if task.fetch is not None:
-                task.fetch.cancel()
-            task.changed()
+            task.fetch.cancel()
+            task.queue.wake_all()
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """One acquired source-fetch slot, released exactly once."""
+
+    semaphore: DeferredSemaphore
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.semaphore.release()

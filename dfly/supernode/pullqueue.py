@@ -1,0 +1,141 @@
+"""Held pulls of one task, woken only when an event gives them work.
+
+A pull that finds nothing to do is held here until it can be handed pieces.
+Waking every held pull on every event (what dfly did first) costs
+held pulls × events, which is peers² × pieces for a task; here an event wakes
+at most a constant number of pulls:
+
+- a peer whose running slots are all full is *parked*: only its own report
+  (which frees one of its slots) can give it work, so nothing else looks at
+  it; its own report wakes its held pull either way (parked or hungry), with
+  pieces or to look again, since it may have every piece now;
+- a peer with a free slot and nothing assignable is *hungry*, in FIFO order.
+  An event that creates ``k`` opportunities (a newly cached piece, a freed
+  upload slot, a new holder with spare uploads) tries the hungry pulls from
+  the head, assigning on the supernode side, and stops after ``k`` pieces
+  were handed out or ``2k + 2`` pulls were tried.  A pull that was tried and
+  could not use the event goes to the back, so no pull is tried twice before
+  every other one was tried once (none starves), and a head that can use
+  nothing does not eat every event's budget.
+
+A woken pull gets its pieces already assigned (no second round trip through
+the scheduler), ``REEVALUATE`` when the task changed as a whole (fetch ended,
+peer dropped) so the pull loop looks again, or ``WAIT_NOW`` when a newer pull
+of the same cid took its place.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Union
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from dfly.supernode.scheduler import TaskSchedule
+
+Assignment = list[tuple[int, str]]
+
+
+class _Signal:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: The task changed as a whole: look again (assign, finished, failed, dropped).
+REEVALUATE = _Signal("REEVALUATE")
+#: A newer pull of the same cid replaced this one: answer "wait" at once.
+WAIT_NOW = _Signal("WAIT_NOW")
+
+Woken = Union[Assignment, _Signal]
+
+
+@attrs.define
+class PullCounters:
+    """What the queue did, for /metrics and the fan-out tests."""
+
+    wakeups: int = 0  # held pulls resumed by an event (not by their timeout)
+    assign_calls: int = 0  # TaskSchedule.assign calls made for held pulls
+
+
+@attrs.define(eq=False)
+class PullQueue:
+    schedule: TaskSchedule
+    counters: PullCounters = attrs.Factory(PullCounters)  # shared by every task of a supernode
+    _parked: dict[str, Deferred[Woken]] = attrs.Factory(dict)
+    _hungry: "OrderedDict[str, Deferred[Woken]]" = attrs.Factory(OrderedDict)
+
+    def __len__(self) -> int:
+        return len(self._parked) + len(self._hungry)
+
+    def holding(self, cid: str) -> bool:
+        return cid in self._parked or cid in self._hungry
+
+    def hold(self, cid: str) -> Deferred[Woken]:
+        """Hold ``cid``'s pull (its assign just found nothing); cancel to let go."""
+        self.drop(cid, WAIT_NOW)
+        d: Deferred[Woken] = Deferred(lambda d: self._forget(cid, d))
+        if self.schedule.need(cid) <= 0:
+            self._parked[cid] = d
+        else:
+            self._hungry[cid] = d
+        return d
+
+    def slot_freed(self, cid: str) -> None:
+        """One of ``cid``'s own running pieces ended: its held pull may take more, or be done."""
+        d = self._parked.pop(cid, None) or self._hungry.pop(cid, None)
+        if d is None:
+            return
+        chosen = self._assign(cid) if cid in self.schedule.peers else []
+        # Nothing to hand out: the pull loop looks again (it may have every
+        # piece now) and holds itself again if not.
+        self._wake(d, chosen or REEVALUATE)
+
+    def offer(self, k: int) -> None:
+        """``k`` new chances to run a piece: hand them to the first hungry pulls that can use them."""
+        if k <= 0:
+            return
+        budget = 2 * k + 2
+        while self._hungry and budget > 0 and k > 0:
+            budget -= 1
+            cid, d = next(iter(self._hungry.items()))
+            chosen = self._assign(cid) if cid in self.schedule.peers else None
+            if chosen:
+                del self._hungry[cid]
+                k -= len(chosen)
+                self._wake(d, chosen)
+            elif chosen is None:
+                del self._hungry[cid]
+                self._wake(d, REEVALUATE)
+            else:
+                self._hungry.move_to_end(cid)
+
+    def drop(self, cid: str, why: _Signal = REEVALUATE) -> None:
+        """Let go of ``cid``'s held pull, if any (the peer left, or pulled again)."""
+        d = self._parked.pop(cid, None) or self._hungry.pop(cid, None)
+        if d is not None:
+            d.callback(why)
+
+    def wake_all(self) -> None:
+        """The task changed as a whole (its fetch ended): every held pull looks again."""
+        held = [*self._parked.values(), *self._hungry.values()]
+        self._parked.clear()
+        self._hungry.clear()
+        for d in held:
+            d.callback(REEVALUATE)
+
+    def _assign(self, cid: str) -> Assignment:
+        self.counters.assign_calls += 1
+        return self.schedule.assign(cid)
+
+    def _wake(self, d: Deferred[Woken], result: Woken) -> None:
+        self.counters.wakeups += 1
+        d.callback(result)
+
+    def _forget(self, cid: str, d: Deferred[Woken]) -> None:
+        for table in (self._parked, self._hungry):
+            if table.get(cid) is d:
+                del table[cid]
