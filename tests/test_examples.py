@@ -24,6 +24,18 @@ class ExampleConfigTests(SynchronousTestCase):
         self.assertEqual(config.fail_access_interval, 180.0)
         self.assertEqual((config.max_bandwidth, config.max_upload_bandwidth), (0, 0))
 
+    def test_supernode_example_states_the_defaults(self) -> None:
+        """etc/supernode.yml's limits and scheduler policy are the code's defaults, so it documents them."""
+        from dfly.config import SupernodeFileConfig
+        from dfly.supernode.policy import SchedulerPolicy, policy_from_mapping
+
+        config = load_supernode_config(os.path.join(ETC, "supernode.yml"), required=True)
+        self.assertEqual(policy_from_mapping(config.scheduler), SchedulerPolicy())
+        defaults = SupernodeFileConfig()
+        for field in ("task_expire_time", "access_expire_time", "revalidate_window", "cache_limit", "max_tasks",
+                      "max_peers_per_task", "max_fetches", "max_file_size", "disk_threads"):
+            self.assertEqual(getattr(config, field), getattr(defaults, field), field)
+
     def test_dfdaemon_example_loads(self) -> None:
         """etc/dfdaemon.yml parses: port 65001, loopback, blob URLs go p2p."""
         config = load_dfdaemon_config(os.path.join(ETC, "dfdaemon.yml"), required=True)
