@@ -8,6 +8,7 @@ modules turn those errors into ``usage.UsageError``.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from typing import Any, Callable, Mapping
@@ -52,8 +53,8 @@ def parse_duration(value: str | int | float) -> float:
     if isinstance(value, bool):
         raise ValueError(f"invalid duration {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"invalid duration {value}: must not be negative")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"invalid duration {value}: must be a finite number of seconds, not negative")
         return float(value)
     text = str(value).strip().lower()
     if re.fullmatch(r"\d+(?:\.\d+)?", text):

@@ -2,6 +2,12 @@
 
 Every answer is ``{"code": int, "msg": str, "data": ...}`` with a real HTTP
 status; handlers raise `ApiError` and never build error bodies themselves.
+Bad input is a 4xx in that envelope, never a traceback: `parse_json` bounds
+nesting (``[`` * 100000 would raise RecursionError in `json.loads`), and
+`json_app`'s resource answers a request whose path or Host is not UTF-8
+itself (klein would log a traceback and answer in HTML).  Body size is
+bounded twice: by `dfly.webbounds.BoundedSite` while it arrives, and by
+`read_json` for resources served without it.
 """
 
 from __future__ import annotations
@@ -10,13 +16,18 @@ import json
 from typing import Any
 
 from klein import Klein
+from klein.resource import KleinResource
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from dfly import codes
+from dfly.webbounds import MAX_BODY
 
-MAX_BODY = 64 * 1024
+#: Deepest nesting of arrays and objects a JSON document may have.  Our
+#: bodies and answers need 3; far below the recursion limit, so neither the
+#: parser nor any handler (``repr`` of a field in an error message) can hit it.
+MAX_DEPTH = 32
 
 log = Logger(namespace="dfly.api")
 
@@ -48,14 +59,43 @@ def error_body(request: IRequest, error: ApiError) -> bytes:
     return envelope(request, error.code, error.msg, status=error.status)
 
 
+def parse_json(text: bytes | str, max_depth: int = MAX_DEPTH) -> Any:
+    """`json.loads`, with ValueError (never RecursionError) for nesting deeper than ``max_depth``.
+
+    For every JSON that comes from the network: request bodies, the
+    supernode's answers to the engine.
+    """
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {max_depth} levels") from None
+    if _deeper_than(value, max_depth):
+        raise ValueError(f"nested deeper than {max_depth} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays/objects nest more than ``limit`` levels (iteratively: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def read_json(request: IRequest, limit: int = MAX_BODY) -> dict[str, Any]:
-    """The request's JSON object body, refused when too big or malformed."""
+    """The request's JSON object body, refused when too big, too deep or malformed."""
     body = request.content.read(limit + 1)
     if len(body) > limit:
         raise ApiError(413, codes.PARAM_ERROR, f"request body larger than {limit} bytes")
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
+        data = parse_json(body)
+    except ValueError as e:  # UnicodeDecodeError included
         raise bad_request(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
@@ -82,13 +122,40 @@ def query_int(request: IRequest, name: str, required: bool = True, default: int 
         raise bad_request(f"query parameter {name!r} must be an integer, got {text!r}") from None
 
 
+class _JsonKleinResource(KleinResource):
+    """Klein's resource, answering a non-UTF-8 path or Host itself: 400 JSON, nothing logged.
+
+    Klein decodes both as UTF-8 before routing; when that fails it logs the
+    UnicodeDecodeError with its traceback (``log.err``: critical) and
+    answers 400 in HTML.  Anyone can send ``GET /%ff``, so it is not worth
+    a traceback; the checks here are the ones klein makes.
+    """
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            body = error_body(request, bad_request("the request path or Host header is not UTF-8"))
+            return b"" if request.method == b"HEAD" else body
+        return super().render(request)
+
+
+class _JsonKlein(Klein):
+    # Klein binds an app to each instance of its class with ``self.__class__()``,
+    # so the bound copies serve this resource too.
+    def resource(self) -> KleinResource:
+        return _JsonKleinResource(self)
+
+
 def json_app() -> Klein:
     """A Klein app that answers every error in the JSON envelope.
 
     `ApiError` keeps its status and code; unknown routes and wrong methods
-    become 404/405; anything unexpected is logged and becomes a 500.
+    become 404/405; a path or Host that is not UTF-8 is a 400; anything
+    unexpected is logged and becomes a 500.
     """
-    app = Klein()
+    app = _JsonKlein()
 
     @app.handle_errors(ApiError)
     def api_error(instance: Any, request: IRequest, failure: Any) -> bytes:

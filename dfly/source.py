@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dfly import codes
+from dfly.urls import redact_userinfo
 
 #: Headers a client may not make us send upstream: they describe our hop.
 _HOP_HEADERS = frozenset(
@@ -154,6 +155,11 @@ class SourceClient:
                 # treq's timeout cancels the request, which surfaces wrapped.
                 raise SourceError(codes.SOURCE_FAILED, f"source {url} did not answer within {self.timeout:g}s") from None
             raise SourceError(codes.SOURCE_FAILED, f"cannot reach source {url}: {_describe(e)}") from None
+        except ValueError as e:
+            # Twisted cannot dial the URL (or a redirect's target): a host
+            # name it refuses, credentials in the authority, an IPv6 literal.
+            raise SourceError(codes.SOURCE_FAILED,
+                              f"cannot fetch source {redact_userinfo(url)}: {redact_userinfo(str(e))}") from None
         status = response.code
         if status in (200, 206, 304):
             length = response.length

@@ -29,7 +29,7 @@ from dfly.peer.engine import PeerEngine
 from dfly.peer.localapi import LocalApi
 from dfly.peer.options import PeerConfig
 from dfly.peer.request import DownloadRequest
-from dfly.peer.tap import GC_INTERVAL, LEAVE_TIMEOUT, RESIDUE_AGE, DaemonLockHeld, PeerDaemon, PeerParts, build_service
+from dfly.peer.tap import GC_INTERVAL, HEARTBEAT_INTERVAL, LEAVE_TIMEOUT, RESIDUE_AGE, DaemonLockHeld, PeerDaemon, PeerParts, build_service
 from dfly.peer.uploader import HeldFile, UploadStore
 from dfly.services import ListeningService
 
@@ -71,7 +71,7 @@ def put_file(path: str, size: int = 3 * PIECE, age: float | None = None) -> str:
 def make_held(home: Home, name: str = "file-s1.server", finished: bool = True) -> HeldFile:
     path = put_file(os.path.join(home.data, name))
     return HeldFile(TASK, path, PIECE, length=3 * PIECE, pieces={0: (0, PIECE - 1)}, finished=finished,
-                    node=SUPERNODE, cid=CID)
+                    node=SUPERNODE, cid=CID, heartbeat=NOW)
 
 
 class PeerRequest:
@@ -277,11 +277,58 @@ class ExpireTests(SynchronousTestCase):
         self.assertEqual((self.wired.uploads.held(), os.path.exists(held.path)), ([held], True))
 
     def test_no_service_down_before_expiretime(self) -> None:
-        """Nothing is reported to the supernode while the file is kept."""
+        """No service down reaches the supernode while the file is kept."""
         self.wired.hold()
         self.wired.reactor.advance(EXPIRE - 1)
         self.wired.collect()
-        self.assertEqual(self.wired.supernode.calls, [])
+        self.assertEqual([path for path, _ in self.wired.supernode.calls if path == "/peer/service/down"], [])
+
+
+class HeartbeatTests(SynchronousTestCase):
+    """collect() tells the supernode every HEARTBEAT_INTERVAL that a kept file is still served."""
+
+    def setUp(self) -> None:
+        self.wired = HandWired(self)
+
+    def pulls(self) -> list[dict[str, str]]:
+        return [query for path, query in self.wired.supernode.calls if path == "/peer/task"]
+
+    def test_kept_file_sends_a_pull_as_heartbeat(self) -> None:
+        """HEARTBEAT_INTERVAL after the last one, collect pulls the task with the file's cid."""
+        held = self.wired.hold()
+        held.heartbeat = self.wired.reactor.seconds()
+        self.wired.reactor.advance(HEARTBEAT_INTERVAL)
+        self.wired.collect()
+        self.assertEqual(self.pulls(), [{"taskId": TASK, "srcCid": CID}])
+
+    def test_no_heartbeat_before_the_interval(self) -> None:
+        """Just short of HEARTBEAT_INTERVAL nothing is sent."""
+        held = self.wired.hold()
+        held.heartbeat = self.wired.reactor.seconds()
+        self.wired.reactor.advance(HEARTBEAT_INTERVAL - 1)
+        self.wired.collect()
+        self.assertEqual(self.pulls(), [])
+
+    def test_one_heartbeat_per_interval(self) -> None:
+        """Two collects in one interval send one heartbeat."""
+        self.wired.hold()
+        self.wired.reactor.advance(HEARTBEAT_INTERVAL)
+        self.wired.collect()
+        self.wired.collect()
+        self.assertEqual(len(self.pulls()), 1)
+
+    def test_unfinished_file_sends_no_heartbeat(self) -> None:
+        """A download still running pulls anyway: no heartbeat for it."""
+        self.wired.hold(finished=False)
+        self.wired.reactor.advance(HEARTBEAT_INTERVAL * 3)
+        self.wired.collect()
+        self.assertEqual(self.pulls(), [])
+
+    def test_heartbeats_fit_the_supernodes_finished_silence(self) -> None:
+        """Two heartbeats fit in the supernode's default finishedSilence, so one lost is harmless."""
+        from dfly.supernode.policy import SchedulerPolicy
+
+        self.assertLessEqual(2 * HEARTBEAT_INTERVAL + GC_INTERVAL, SchedulerPolicy().finished_silence)
 
     def test_file_is_kept_while_an_upload_runs(self) -> None:
         """A file being uploaded is not expired, however long the upload takes."""

@@ -127,6 +127,9 @@ def consistency_errors(s: TaskSchedule) -> list[str]:
         free = {cid for cid in usable if s.peers[cid].uploads < MAX_UPLOADS}
         if set(s.free_holders[piece]) != free or len(s.free_holders[piece]) != len(free):
             errors.append(f"free holders of {piece}: {list(s.free_holders[piece])}, holders with a free slot: {sorted(free)}")
+    available = {n for n in range(s.ready) if len(s.free_holders[n])}
+    if s.available != available:
+        errors.append(f"available {sorted(s.available)}, pieces with a free holder {sorted(available)}")
     for k, bucket in s.buckets.items():
         want = [n for n in range(s.ready) if s.holder_count(n) == k]
         if list(bucket) != want or not want:

@@ -20,7 +20,6 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 import dfly
 from dfly.config import (
@@ -46,6 +45,7 @@ from dfly.peer.tap import GC_INTERVAL, PeerDaemon, remove_residue
 from dfly.peer.uploader import UploadStore
 from dfly.ratelimit import HostLimit
 from dfly.services import ListeningService, LogObserverService, tcp_endpoint
+from dfly.webbounds import BoundedSite
 
 
 class Options(usage.Options):
@@ -185,8 +185,10 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     uploads = UploadStore(reactor, limit.tx)
     engine = PeerEngine(reactor, http, home, uploads=uploads, limit=limit)
     token = secrets.token_hex(16)
+    # The embedded local API parses JSON: bounded bodies.  The proxy port
+    # below relays registry uploads of many MiB and keeps its plain Site.
     peer = ListeningService(tcp_endpoint(reactor, config.peer_port, "0.0.0.0"),
-                            Site(LocalApi(engine, token, uploads).resource()), "peer server")
+                            BoundedSite(LocalApi(engine, token, uploads).resource()), "peer server")
 
     proxy_pool = HTTPConnectionPool(reactor, persistent=True)
     proxy_pool.retryAutomatically = False

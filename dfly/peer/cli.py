@@ -42,7 +42,7 @@ from dfly.peer.hostmeta import TOKEN_HEADER, read_host_meta, service_host
 from dfly.peer.options import Options as ServerOptions
 from dfly.peer.request import DownloadRequest, DownloadResult, request_to_json
 from dfly.pieces import is_md5, parse_digest, parse_filter
-from dfly.urls import check_url, parse_header_lines
+from dfly.urls import check_url, move_userinfo, parse_header_lines, redact_userinfo
 
 #: How long dfget waits for a daemon it started to answer.
 DAEMON_START_TIMEOUT = 10.0
@@ -118,7 +118,11 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
     """Turn the flags (and dfget.yml) into a request; ValueError with the reason."""
     if not opts["url"]:
         raise ValueError("missing -u URL")
-    url = check_url(opts["url"])
+    # ``-u http://user:password@host/f`` works as with curl: the credentials go
+    # in an Authorization header (a --header one wins); the URL without them is
+    # what is registered, fetched, printed and logged.
+    url, headers = move_userinfo(opts["url"], parse_header_lines(opts["header"]))
+    url = check_url(url)
     if opts["md5"] and opts["identifier"]:
         raise ValueError("--md5 and --identifier cannot be used together")
     if opts["md5"] and not is_md5(opts["md5"]):
@@ -142,7 +146,7 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
         output=storage.check_output(output),
         sign=sign,
         nodes=nodes,
-        headers=parse_header_lines(opts["header"]),
+        headers=headers,
         md5=opts["md5"].lower() if opts["md5"] else None,
         identifier=opts["identifier"],
         digest=digest,
@@ -153,6 +157,17 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
         local_limit=local_limit,
         total_limit=total_limit,
     )
+
+
+def loggable_argv(argv: Sequence[str]) -> list[str]:
+    """The command line for dfclient.log: URL credentials and Authorization values hidden."""
+    shown = []
+    for arg in argv:
+        name, sep, _ = arg.partition(":")
+        if sep and name.removeprefix("--header=").strip().lower() in ("authorization", "proxy-authorization"):
+            arg = f"{name}: ***"
+        shown.append(redact_userinfo(arg))
+    return shown
 
 
 def _limit(value: str, flag: str) -> int:
@@ -190,11 +205,12 @@ def ping_daemon(meta: dict[str, Any]) -> bool:
         conn.request("GET", "/_ping")
         response = conn.getresponse()
         body = json.loads(response.read())
-    except (OSError, ValueError, http.client.HTTPException):
+    except (OSError, ValueError, RecursionError, http.client.HTTPException):
         return False
     finally:
         conn.close()
-    return response.status == 200 and body.get("data", {}).get("pid") == meta.get("pid")
+    data = body.get("data") if isinstance(body, dict) else None
+    return response.status == 200 and isinstance(data, dict) and data.get("pid") == meta.get("pid")
 
 
 def spawn_daemon(home: Home) -> subprocess.Popen[bytes]:
@@ -247,18 +263,21 @@ def download_via_daemon(meta: dict[str, Any], req: DownloadRequest, show: Show) 
         response = conn.getresponse()
         if response.status != 200:
             try:
-                reason = json.loads(response.read())["msg"]
-            except (ValueError, KeyError, TypeError):
+                reason = str(json.loads(response.read())["msg"])
+            except (ValueError, KeyError, TypeError, RecursionError):
                 reason = f"the peer daemon answered {response.status}"
             raise DaemonRefused(reason)
         while line := response.readline():
             if not line.strip():
                 continue
             event = json.loads(line)
+            if not isinstance(event, dict):
+                return None
             if event.get("event") == "result":
                 return DownloadResult.from_json(event)
             show(event)
-    except (OSError, http.client.HTTPException, ValueError):
+    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, RecursionError):
+        # Not our daemon's stream (RecursionError: an answer like ``[[[[...``).
         return None
     finally:
         conn.close()
@@ -332,7 +351,7 @@ def run(opts: Options) -> int:
         print(f"dfget: error: cannot create home {home.root}: {e.strerror}", file=sys.stderr)
         return 2
     log = ClientLog(home, req.sign, opts["console"])
-    log.write("info", f"get cmd params:{json.dumps(sys.argv)}")
+    log.write("info", f"get cmd params:{json.dumps(loggable_argv(sys.argv))}")
     print(f"--{time.strftime('%Y-%m-%d %H:%M:%S')}--  {req.url}")
     print(f"dfget version:{dfly.__version__}")
     print(f"workspace:{home.root} sign:{req.sign}")

@@ -29,6 +29,7 @@ from twisted.web.http_headers import Headers
 import dfly
 from dfly import codes
 from dfly.config import Home, format_node
+from dfly.jsonapi import parse_json
 from dfly.logs import CLIENT_NAMESPACE
 from dfly.pieces import DEFAULT_PIECE_SIZE, parse_range
 from dfly.ratelimit import HostLimit, TokenBucket, describe_limit
@@ -37,6 +38,7 @@ from dfly.stream import BodyWriter, RunBlocking, StreamError, WriteError, thread
 from dfly.peer import storage
 from dfly.peer.request import DownloadRequest, DownloadResult
 from dfly.peer.uploader import HeldFile, UploadStore
+from dfly.urls import move_userinfo
 
 log = Logger(namespace=CLIENT_NAMESPACE)
 
@@ -150,6 +152,11 @@ class PeerEngine:
 
     async def _run(self, req: DownloadRequest, emit: Emit) -> DownloadResult:
         started = self.reactor.seconds()
+        url, headers = move_userinfo(req.url, req.headers)
+        if url != req.url:
+            # ``http://u:p@host/f`` from a caller that did not convert it (dfdaemon's
+            # proxy rules): the supernode refuses such a URL and treq cannot send it.
+            req = attrs.evolve(req, url=url, headers=headers)
         run = _Run(req, os.path.join(self.home.data, storage.working_name(req.output, req.sign)), emit)
         run.timeout = req.timeout or DEFAULT_TIMEOUT
         run.started = started
@@ -230,6 +237,7 @@ class PeerEngine:
         run.held.finished = True
         run.held.last_access = self.reactor.seconds()
         run.held.node, run.held.cid = run.registered[0], run.registered[2]
+        run.held.heartbeat = self.reactor.seconds()
         return True
 
     def _drop_held(self, run: _Run) -> None:
@@ -244,6 +252,26 @@ class PeerEngine:
         storage.remove_quietly(held.path)
         log.info("stopped serving taskID:{task_id}: {path} removed", task_id=held.task_id, path=held.path)
         return Deferred.fromCoroutine(self.leave(held.node, held.task_id, held.cid))
+
+    def heartbeat(self, held: HeldFile) -> Deferred[None]:
+        """Tell the supernode this finished peer still serves ``held`` (a pull, answered 600 at once).
+
+        The supernode drops a finished peer it has not heard from for its
+        ``finishedSilence`` (90 s by default), so a killed peer stops being
+        offered as a source.
+        """
+        held.heartbeat = self.reactor.seconds()
+        return Deferred.fromCoroutine(self._heartbeat(held))
+
+    async def _heartbeat(self, held: HeldFile) -> None:
+        try:
+            status, answer = await self._api(held.node, "GET", "/peer/task", {"taskId": held.task_id, "srcCid": held.cid})
+        except Exception as e:
+            log.warn("heartbeat to {node} failed: {error}", node=format_node(held.node), error=e)
+            return
+        if status != 200:
+            log.info("supernode {node} no longer knows cid:{cid} of taskID:{task_id} ({msg})",
+                     node=format_node(held.node), cid=held.cid, task_id=held.task_id, msg=answer.get("msg", status))
 
     async def leave(self, node: tuple[str, int], task_id: str, cid: str) -> None:
         """Tell the supernode this cid is gone (best effort: it only frees state)."""
@@ -315,7 +343,7 @@ class PeerEngine:
         response = await self.http.request(method, url.to_text(), **kwargs)
         raw = await response.content()
         try:
-            answer = json.loads(raw)
+            answer = parse_json(raw)
             if not isinstance(answer, dict) or not isinstance(answer.get("code"), int):
                 raise ValueError("no code")
         except ValueError:

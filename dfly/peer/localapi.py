@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+import attrs
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -25,8 +26,9 @@ from dfly import codes
 from dfly.jsonapi import ApiError, bad_request, envelope, json_app, read_json
 from dfly.peer.engine import PeerEngine
 from dfly.peer.hostmeta import TOKEN_HEADER
-from dfly.peer.request import request_from_json
+from dfly.peer.request import DownloadResult, request_from_json
 from dfly.peer.uploader import UploadStore
+from dfly.urls import add_missing_headers, split_userinfo
 
 log = Logger(namespace="dfly.peer")
 
@@ -53,10 +55,16 @@ class LocalApi:
     @app.route("/local/download", methods=["POST"])
     async def download(self, request: IRequest) -> bytes:
         self._authorize(request)
+        body = read_json(request)
+        # Credentials in the URL become an Authorization header (dfly.urls'
+        # rule), so no client can make us register or log them as a URL.
+        url, credentials = split_userinfo(body["url"]) if isinstance(body.get("url"), str) else (body.get("url"), {})
         try:
-            req = request_from_json(read_json(request))
+            req = request_from_json({**body, "url": url})
         except ValueError as e:
             raise bad_request(str(e)) from None
+        if credentials:
+            req = attrs.evolve(req, headers=add_missing_headers(req.headers, credentials))
         request.setHeader(b"content-type", b"application/x-ndjson")
 
         def emit(event: dict[str, Any]) -> None:
@@ -67,6 +75,12 @@ class LocalApi:
         except CancelledError:
             log.info("download of {url} cancelled: the client went away", url=req.url)
             raise
+        except Exception as e:
+            # The stream has begun (status 200): an error body would be read as
+            # a broken stream ("the peer daemon stopped").  End it with a FAIL.
+            log.failure("download of {url} failed unexpectedly", url=req.url)
+            result = DownloadResult(False, 0.0, -1, codes.REASON_DOWNLOAD_ERROR, codes.ERR_DOWNLOAD,
+                                    f"internal error in the peer daemon: {e}")
         return json.dumps({"event": "result", **result.to_json()}).encode() + b"\n"
 
     def _authorize(self, request: IRequest) -> None:

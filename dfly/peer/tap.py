@@ -21,7 +21,6 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 import dfly
 from dfly.config import Home
@@ -35,12 +34,16 @@ from dfly.peer.uploader import UploadStore
 from dfly.peer.options import Options, PeerConfig
 from dfly.ratelimit import HostLimit, describe_limit
 from dfly.services import ListeningService, LogObserverService, tcp_endpoint
+from dfly.webbounds import BoundedSite
 
 log = Logger(namespace="dfly.peer")
 
 
 #: How often data/ is collected.
 GC_INTERVAL = 15.0
+#: How often a finished download tells its supernode it still serves (its
+#: ``finishedSilence`` is 90 s by default: three heartbeats).
+HEARTBEAT_INTERVAL = 30.0
 #: Files in data/ that belong to no download and are older than this go.
 RESIDUE_AGE = 3600.0
 #: How long stopping waits for the service-down reports.
@@ -129,11 +132,19 @@ class PeerDaemon(Service):
         return port
 
     def collect(self) -> None:
-        """Stop serving files nobody asked for in --expiretime; remove residue older than an hour."""
+        """Stop serving files nobody asked for in --expiretime; remove residue older than an hour.
+
+        Files still served get a heartbeat to their supernode every
+        `HEARTBEAT_INTERVAL`, so it keeps offering this peer as a source.
+        """
         now = self.clock.seconds()
         for held in self.uploads.held():
-            if held.finished and not held.uploads and now - held.last_access >= self.expiretime:
+            if not held.finished:
+                continue
+            if not held.uploads and now - held.last_access >= self.expiretime:
                 self.engine.expire(held)
+            elif now - held.heartbeat >= HEARTBEAT_INTERVAL:
+                self.engine.heartbeat(held)
         remove_residue(self.home.data, self.uploads.paths(), now)
 
     def _check_idle(self) -> None:
@@ -180,7 +191,9 @@ def build_service(config: PeerConfig, reactor: Any, on_idle: Callable[[], None] 
     engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads, limit=limit)
     token = secrets.token_hex(16)
     endpoint = tcp_endpoint(reactor, config.port, config.listen)
-    listener = ListeningService(endpoint, Site(LocalApi(engine, token, uploads).resource()), "peer server")
+    # Other peers and local clients reach this port: request bodies are
+    # bounded before they are buffered (the local API takes small JSON).
+    listener = ListeningService(endpoint, BoundedSite(LocalApi(engine, token, uploads).resource()), "peer server")
     top = MultiService()
     sign = make_sign(os.getpid(), reactor.seconds())
     server_log = open_log(home.log_file("dfserver.log"))

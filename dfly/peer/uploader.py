@@ -26,7 +26,17 @@ from dfly.ratelimit import TokenBucket, send_range
 
 log = Logger(namespace="dfly.peer.uploader")
 
-_RANGE = re.compile(r"\Abytes=(\d{1,19})-(\d{1,19})\Z")
+#: Any number of digits: a start past every file is a 416 like any other start
+#: past this one (a cap of 19 digits made ``bytes=99999999999999999999-...`` a 400).
+_RANGE = re.compile(r"\Abytes=(\d+)-(\d+)\Z")
+#: Beyond any file's length; what a position of more than 19 digits means.
+_PAST_ANY_FILE = 1 << 63
+
+
+def _position(digits: str) -> int:
+    """A byte position from its digits, without int()'s cost (or its 4300-digit limit) on huge ones."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else _PAST_ANY_FILE
 
 
 @attrs.define(eq=False)
@@ -44,6 +54,7 @@ class HeldFile:
     # Where it was registered, for the service-down when it expires.
     node: tuple[str, int] = ("", 0)
     cid: str = ""
+    heartbeat: float = 0.0  # when the supernode last heard that this finished peer still serves
     # The task's key from the supernode: requests must carry it (``?k=``), so
     # knowing a task id reads nothing.  None: served without one.
     key: str | None = None
@@ -99,7 +110,7 @@ class UploadStore:
         match = _RANGE.match((range_header or b"").decode("latin-1").strip())
         if match is None:
             raise UploadError(400, "a single 'Range: bytes=start-end' is required")
-        start, end = int(match.group(1)), int(match.group(2))
+        start, end = _position(match.group(1)), _position(match.group(2))
         if end < start:
             raise UploadError(400, "range end before its start")
         for held in entries:

@@ -12,8 +12,8 @@ at most a constant number of pulls:
 - a peer with a free slot and nothing assignable is *hungry*, in FIFO order.
   An event that creates ``k`` opportunities (a newly cached piece, a freed
   upload slot, a new holder with spare uploads) tries the hungry pulls from
-  the head, assigning on the supernode side, and stops after ``k`` pieces
-  were handed out or ``2k + 2`` pulls were tried.  A pull that was tried and
+  the head, assigning on the supernode side from the event's source, and
+  stops after ``k`` pieces were handed out or ``k + 2`` pulls were tried.  A pull that was tried and
   could not use the event goes to the back, so no pull is tried twice before
   every other one was tried once (none starves), and a head that can use
   nothing does not eat every event's budget.
@@ -94,22 +94,34 @@ class PullQueue:
         # piece now) and holds itself again if not.
         self._wake(d, chosen or REEVALUATE)
 
-    def offer(self, k: int) -> None:
-        """``k`` new chances to run a piece: hand them to the first hungry pulls that can use them."""
+    def offer(self, k: int, source: str) -> None:
+        """``k`` new chances to fetch from ``source`` (a peer cid or the CDN's): hand them to the first hungry pulls.
+
+        From a peer, each try is `TaskSchedule.assign_from` (a set
+        difference over that peer's pieces); from the CDN, a full assign,
+        which the CDN's free slot makes succeed early in its walk.
+        """
         if k <= 0:
             return
-        budget = 2 * k + 2
+        budget = k + 2
+        from_cdn = source == self.schedule.cdn_cid
         while self._hungry and budget > 0 and k > 0:
             budget -= 1
             cid, d = next(iter(self._hungry.items()))
-            chosen = self._assign(cid) if cid in self.schedule.peers else None
+            if cid not in self.schedule.peers:
+                del self._hungry[cid]
+                self._wake(d, REEVALUATE)
+                continue
+            self.counters.assign_calls += 1
+            if from_cdn:
+                chosen = self.schedule.assign(cid)
+            else:
+                one = self.schedule.assign_from(cid, source)
+                chosen = [one] if one else []
             if chosen:
                 del self._hungry[cid]
                 k -= len(chosen)
                 self._wake(d, chosen)
-            elif chosen is None:
-                del self._hungry[cid]
-                self._wake(d, REEVALUATE)
             else:
                 self._hungry.move_to_end(cid)
 

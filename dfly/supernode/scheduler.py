@@ -140,6 +140,9 @@ class TaskSchedule:
     holders: dict[int, IndexedSet[str]] = attrs.Factory(dict)
     #: Per piece, the holders serving fewer than max_uploads right now.
     free_holders: dict[int, IndexedSet[str]] = attrs.Factory(dict)
+    #: The pieces whose free_holders is not empty (a pull that finds none of
+    #: its lacked pieces here, with the CDN busy, ends at once).
+    available: set[int] = attrs.Factory(set)
     #: holder count -> sorted ready pieces with that many holders (no empty buckets).
     buckets: SortedDict = attrs.Factory(SortedDict)
     #: Uploads still running from cids that were removed (their downloaders
@@ -201,6 +204,8 @@ class TaskSchedule:
             return []
         isolated = peer.failures > self.policy.isolation
         cdn_free = self.cdn_free()
+        if not cdn_free and (isolated or not self._lacks_available(peer)):
+            return []  # only busy sources hold what it lacks: no walk needed
         center = sum(peer.running) // len(peer.running) if peer.running else peer.last_piece
         chosen: list[tuple[int, str]] = []
         budget = self.policy.scan_budget
@@ -226,6 +231,34 @@ class TaskSchedule:
                 if (held_by == 0 or isolated) and not cdn_free:
                     break
         return chosen
+
+    def _lacks_available(self, peer: Peer) -> bool:
+        """Whether some piece with a free holder is one ``peer`` neither has nor runs."""
+        lacking = self.available - peer.have
+        return bool(lacking) and not lacking.issubset(peer.running.keys())
+
+    def assign_from(self, cid: str, source: str) -> tuple[int, str] | None:
+        """One piece peer ``source`` can give ``cid`` right now, rarest then nearest; marks it running.
+
+        The pull queue hands a freed upload slot (or a new holder's spare
+        ones) to a held pull with this: it costs a set difference over the
+        source's pieces, where a full `assign` would walk every bucket.
+        """
+        peer = self.peers[cid]
+        if self.need(cid) <= 0 or cid == source or source in peer.blacklist or source == self.cdn_cid:
+            return None
+        src = self.peers.get(source)
+        if src is None or not src.can_serve or src.uploads >= self.policy.max_uploads:
+            return None
+        if peer.failures > self.policy.isolation:
+            return None  # isolated: the CDN only
+        candidates = src.have - peer.have - peer.running.keys()
+        if not candidates:
+            return None
+        center = sum(peer.running) // len(peer.running) if peer.running else peer.last_piece
+        piece = min(candidates, key=lambda n: (len(self.holders[n]), abs(n - center), self.rng.random()))
+        self._start(peer, piece, source)
+        return piece, source
 
     def _nearest(self, bucket: SortedList, center: int) -> Iterable[int]:
         """The bucket's pieces by distance to ``center``, ties broken at random.
@@ -277,7 +310,7 @@ class TaskSchedule:
             src.uploads += 1
             if src.uploads == self.policy.max_uploads:
                 for held in src.have:
-                    self.free_holders[held].discard(source)
+                    self._free_discard(held, source)
 
     # --- reports ------------------------------------------------------------------
 
@@ -338,7 +371,7 @@ class TaskSchedule:
         peer.uploads -= 1
         if peer.uploads == self.policy.max_uploads - 1 and peer.can_serve:
             for held in peer.have:
-                self.free_holders[held].add(source)
+                self._free_add(held, source)
 
     # --- holder buckets -------------------------------------------------------------
 
@@ -347,15 +380,26 @@ class TaskSchedule:
         self._move(piece, len(holders), len(holders) + 1)
         holders.add(peer.cid)
         if peer.uploads < self.policy.max_uploads:
-            self.free_holders[piece].add(peer.cid)
+            self._free_add(piece, peer.cid)
 
     def _unhold_all(self, peer: Peer) -> None:
         for piece in peer.have:
             holders = self.holders.get(piece)
             if holders is not None and peer.cid in holders:
                 holders.discard(peer.cid)
-                self.free_holders[piece].discard(peer.cid)
+                self._free_discard(piece, peer.cid)
                 self._move(piece, len(holders) + 1, len(holders))
+
+    def _free_add(self, piece: int, cid: str) -> None:
+        free = self.free_holders[piece]
+        free.add(cid)
+        self.available.add(piece)
+
+    def _free_discard(self, piece: int, cid: str) -> None:
+        free = self.free_holders[piece]
+        free.discard(cid)
+        if not free:
+            self.available.discard(piece)
 
     def _bucket(self, count: int) -> SortedList:
         bucket = self.buckets.get(count)

@@ -15,7 +15,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 from dfly import __version__
 from dfly.config import (
@@ -29,6 +28,7 @@ from dfly.config import (
 )
 from dfly.httpclient import make_http_client, upstream_policy
 from dfly.logs import line_observer, open_log
+from dfly.webbounds import BoundedSite
 from dfly.services import ListeningService, LogObserverService, tcp_endpoint
 from dfly.ratelimit import TokenBucket, describe_limit
 from dfly.source import SourceClient
@@ -238,11 +238,11 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     disk.setServiceParent(top)
     _Supernode(tasks, pool, reactor, config).setServiceParent(top)
     api_listener = ListeningService(
-        tcp_endpoint(reactor, config.port, config.listen), Site(api.resource()), "register API"
+        tcp_endpoint(reactor, config.port, config.listen), BoundedSite(api.resource()), "register API"
     )
     cdn_listener = ListeningService(
         tcp_endpoint(reactor, config.download_port, config.listen),
-        Site(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor), tasks.key_for,
+        BoundedSite(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor), tasks.key_for,
                       tasks.cache_file_missing)),
         "CDN",
     )

@@ -459,7 +459,7 @@ class TaskManager:
     def _piece_cached(self, task: Task, n: int) -> None:
         task.schedule.piece_ready(n)
         if task.schedule.cdn_free():
-            task.queue.offer(1)
+            task.queue.offer(1, CDN)
 
     def _fetch_ended(self, task: Task) -> None:
         task.queue.wake_all()  # done: finished peers get 600; failed: everyone gets 502
@@ -572,18 +572,17 @@ class TaskManager:
         peer.seen = self.clock.seconds()
         if not peer.pulls:
             self._heard(task, peer)
-        was_running = piece in peer.running
+        source = peer.running.get(piece)
         if success:
             if not task.schedule.succeeded(cid, piece):
                 raise ApiError(400, codes.PARAM_ERROR, f"piece {piece} was not assigned to {cid}")
-            if was_running:
-                task.queue.slot_freed(cid)
-                task.queue.offer(1 + task.schedule.spare_uploads(cid))
         else:
             task.schedule.failed(cid, piece, kind)
-            if was_running:
-                task.queue.slot_freed(cid)
-                task.queue.offer(1)
+        if source is not None:
+            task.queue.slot_freed(cid)
+            task.queue.offer(1, source)
+            if success:
+                task.queue.offer(task.schedule.spare_uploads(cid), cid)
 
     def service_down(self, task_id: str, cid: str) -> None:
         task, _ = self.progress(task_id, cid)
@@ -594,11 +593,12 @@ class TaskManager:
         peer = task.peers.get(cid)
         if peer is None:
             return
-        freed = len(peer.running)
+        sources = list(peer.running.values())
         task.schedule.remove_peer(cid)
         task.queue.drop(cid)
         self.liveness.forget((task.task_id, cid))
-        task.queue.offer(freed)
+        for source in sources:
+            task.queue.offer(1, source)
         self._maybe_idle(task)
 
     def _heard(self, task: Task, peer: Peer) -> None:

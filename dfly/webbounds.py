@@ -1,0 +1,123 @@
+"""Request bodies bounded while they arrive, for the ports that take small JSON.
+
+twisted.web reads a whole request body before any resource sees it:
+``Request.gotLength`` spools it into a BytesIO (a declared length under
+100 000 bytes) or a temporary file (anything larger, and every chunked
+body), however big it is.  ``read_json`` can only refuse it afterwards, when
+the disk and the time are spent.  `BoundedSite` refuses it on the way in:
+
+- a ``Content-Length`` over ``max_body`` is answered at once, before a byte
+  of the body is read: ``413`` with ``{"code": 501, "msg": "request body
+  larger than 65536 bytes"}`` and ``Connection: close``; the connection is
+  then closed, so the rest of the body is never read;
+- a chunked body is counted as it is decoded and refused the same way
+  once it passes ``max_body``;
+- no ``100 Continue`` is sent for a refused body;
+- a body within the limit is kept in memory (never a temporary file), and
+  requests without a body, and keep-alive, are untouched.
+
+The resource never runs for a refused request.  Form bodies are not parsed
+into ``request.args`` (``parsePOSTFormSubmission=False``): our APIs take
+their parameters from the query and JSON bodies.
+
+What Twisted already bounds (``twisted.web.http.HTTPChannel``, checked with
+Twisted 26.10), so this module adds nothing for headers:
+
+- ``MAX_LENGTH`` = 16384 (from ``LineReceiver``): one request or header
+  line; a longer one drops the connection without an answer;
+- ``totalHeadersSize`` = 16384: the request line and all headers together;
+  more is a 400 and a close;
+- ``maxHeaders`` = 500 headers; more is a 400 and a close;
+- chunked bodies: malformed chunk lines are a 400; trailers at most 64 KiB;
+- ``timeOut`` = 60 s (``HTTPFactory``'s default): a connection that sends
+  nothing for that long while a request is being read is closed.
+
+Only for ports whose requests are small: dfdaemon's proxy port relays
+registry uploads (blob ``PATCH``/``PUT`` of many MiB) and keeps a plain Site.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web import server
+
+from dfly import codes
+
+#: The default limit; `dfly.jsonapi.read_json` checks the same one.
+MAX_BODY = 64 * 1024
+
+log = Logger(namespace="dfly.webbounds")
+
+
+class BoundedRequest(server.Request):
+    """A `server.Request` whose body may not pass its site's ``max_body``.
+
+    Invariant: once ``refused`` is set, the 413 has been written and the
+    connection is closing; later body bytes (those already read with the
+    headers) are dropped, and a body that ends in them is not processed.
+    """
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        self.max_body: int = getattr(channel.site, "max_body", MAX_BODY)
+        self.body_received = 0
+        self.refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        # In memory, always: at most max_body bytes are ever kept.
+        self.content = BytesIO()
+        if length is not None and length > self.max_body:
+            self._refuse(f"a declared body of {length} bytes")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.refused:
+            return
+        self.body_received += len(data)
+        if self.body_received > self.max_body:
+            self._refuse(f"a chunked body past {self.max_body} bytes")
+            return
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.refused:
+            return  # the end of a refused body arrived with the bytes already read: not a request
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, what: str) -> None:
+        self.refused = True
+        self.content = BytesIO()
+        # HTTPChannel answers "Expect: 100-continue" right after gotLength:
+        # a refused body must not be invited.
+        self.requestHeaders.removeHeader(b"expect")
+        body = json.dumps({"code": codes.PARAM_ERROR, "msg": f"request body larger than {self.max_body} bytes"})
+        payload = body.encode() + b"\n"
+        # Written by hand, as HTTPChannel does for its own 400s: the request
+        # line is not processed yet (no method or version on this object),
+        # and finishing this request would make the channel parse the rest
+        # of the body as the next request.
+        head = (
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % len(payload)
+        )
+        channel = self.channel
+        log.info("refused {what} from {client} (limit {limit} bytes)", what=what,
+                 client=getattr(self.client, "host", "?"), limit=self.max_body)
+        channel.transport.write(head + payload)
+        channel.loseConnection()
+
+
+class BoundedSite(server.Site):
+    """A `server.Site` whose requests' bodies may not pass ``max_body`` bytes (see the module docstring)."""
+
+    requestFactory = BoundedRequest
+
+    def __init__(self, resource: Any, max_body: int = MAX_BODY, **kwargs: Any) -> None:
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(resource, **kwargs)
+        self.max_body = max_body
