@@ -685,6 +685,30 @@ class ScheduleMachine(RuleBasedStateMachine):
             running[piece] = source
             self.last[cid] = piece
 
+    @precondition(lambda self: self.s is not None and len(self.ports) >= 2)
+    @rule(i=st.integers(min_value=0, max_value=20), j=st.integers(min_value=0, max_value=20))
+    def assign_from(self, i: int, j: int) -> None:
+        """A freed slot of one source handed to one pull: the rarest, nearest piece that source may give."""
+        assert self.s is not None
+        cid, source = self.cid(i), self.cid(j)
+        running = self.running[cid]
+        uploads = sum(1 for run in self.running.values() for src in run.values() if src == source)
+        allowed = (
+            cid != source and self.serves(source) and source not in self.blamed[cid]
+            and uploads < MAX_UPLOADS and self.failures[cid] <= ISOLATION and len(running) < MAX_RUNNING
+        )
+        candidates = self.have[source] - self.have[cid] - set(running) if allowed else set()
+        centre = sum(running) // len(running) if running else self.last[cid]
+        got = self.s.assign_from(cid, source)
+        if not candidates:
+            assert got is None, (cid, source, got)
+            return
+        assert got is not None and got[1] == source and got[0] in candidates, (cid, source, got, candidates)
+        best = min((len(self.holders(p)), abs(p - centre)) for p in candidates)
+        assert (len(self.holders(got[0])), abs(got[0] - centre)) == best, (got, best)
+        running[got[0]] = source
+        self.last[cid] = got[0]
+
     @precondition(lambda self: any(self.running.values()))
     @rule(i=st.integers(min_value=0, max_value=20), j=st.integers(min_value=0, max_value=20))
     def succeed(self, i: int, j: int) -> None:
