@@ -74,7 +74,8 @@ class CacheIndex:
     used: int = 0
 
     def load(self, scanned: Iterable[tuple[float, str, int]]) -> None:
-        for _, task_id, size in scanned:
+        """Put what a scan found (oldest first) before everything touched since: older than all of it."""
+        for _, task_id, size in reversed(list(scanned)):
             if task_id not in self.entries:  # touched since the scan started: newer
                 self.entries[task_id] = size
                 self.entries.move_to_end(task_id, last=False)
