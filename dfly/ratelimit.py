@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -38,6 +39,9 @@ log = Logger(namespace="dfly.ratelimit")
 
 #: Bytes a producer reads and sends at once.
 CHUNK = 64 * 1024
+#: Bytes one read off the reactor thread fetches ahead (FileRangeProducer with ``read``):
+#: one thread hop per MiB, not per chunk.
+READ_AHEAD = 1 << 20
 #: Default burst, in seconds of the rate: small, so a limit holds over short
 #: transfers too (a 1 s burst would make a 16 s transfer finish in 15 s).
 BURST_SECONDS = 0.1
@@ -180,6 +184,12 @@ class FileRangeProducer:
     None once every byte is written, or fails with `FileShrank`, an `OSError`
     from reading, or `ConnectionLost` when the consumer stopped it.  It owns
     ``fd`` and closes it in every case.
+
+    With ``read`` (a runner for blocking calls, e.g. a `DiskPool`), the file
+    is read ``READ_AHEAD`` bytes at a time on that runner and written from
+    the buffer, so the reactor thread never waits for the disk; pause reason
+    ``"read"`` holds the producer meanwhile.  A read in flight when the
+    transfer ends keeps ``fd`` open until it returns.
     """
 
     def __init__(
@@ -190,6 +200,7 @@ class FileRangeProducer:
         length: int,
         clock: IReactorTime,
         bucket: TokenBucket | None = None,
+        read: Any = None,
     ) -> None:
         self.consumer = consumer
         self.fd = fd
@@ -198,6 +209,10 @@ class FileRangeProducer:
         self.clock = clock
         self.bucket = bucket
         self.sent = 0
+        self._read = read
+        self._buffer = memoryview(b"")
+        self._read_at = offset  # where the next read-ahead starts
+        self._reading = False
         self._paused: set[str] = set()
         self._timer: IDelayedCall | None = None
         self._pumping = False
@@ -235,6 +250,9 @@ class FileRangeProducer:
         self._pumping = True
         try:
             while not self._paused and self.fd >= 0 and self.remaining > 0:
+                if self._read is not None and not self._buffer:
+                    self._read_ahead()
+                    continue  # "read" pauses the loop unless the read already returned
                 n = min(CHUNK, self.remaining)
                 if self.bucket is not None:
                     wait = self.bucket.reserve(n)
@@ -242,7 +260,10 @@ class FileRangeProducer:
                         self._paused.add("rate")
                         self._timer = self.clock.callLater(wait, self._credit)
                         return
-                data = os.pread(self.fd, n, self.offset)
+                if self._read is not None:
+                    data, self._buffer = bytes(self._buffer[:n]), self._buffer[n:]
+                else:
+                    data = os.pread(self.fd, n, self.offset)
                 if not data:
                     self._end(FileShrank(f"file ended {self.remaining} bytes before the range"))
                     return
@@ -258,14 +279,44 @@ class FileRangeProducer:
         if self.remaining <= 0 and self.fd >= 0:
             self._end(None)
 
+    def _read_ahead(self) -> None:
+        size = min(READ_AHEAD, self.offset + self.remaining - self._read_at)
+        fd, at = self.fd, self._read_at
+        self._reading = True
+        self._paused.add("read")
+
+        def got(data: bytes) -> None:
+            self._reading = False
+            if self.fd < 0:
+                os.close(fd)  # the transfer ended while we read: the fd was left for us
+                return
+            if not data:
+                self._end(FileShrank(f"file ended {self.remaining} bytes before the range"))
+                return
+            self._read_at += len(data)
+            self._buffer = memoryview(data)
+            self._paused.discard("read")
+            self._pump()
+
+        def failed(failure: Failure) -> None:
+            self._reading = False
+            if self.fd < 0:
+                os.close(fd)
+            else:
+                self._end(failure.value if isinstance(failure.value, Exception) else OSError(str(failure.value)))
+
+        self._read(lambda: os.pread(fd, size, at)).addCallbacks(got, failed)
+
     def _end(self, error: Exception | None) -> None:
-        """Close the file, let the consumer go, and fire ``done`` once."""
+        """Close the file (after a read in flight), let the consumer go, and fire ``done`` once."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         if self.fd >= 0:
-            os.close(self.fd)
+            if not self._reading:
+                os.close(self.fd)
             self.fd = -1
+            self._buffer = memoryview(b"")
             self._paused.add("ended")
             try:
                 self.consumer.unregisterProducer()
@@ -280,7 +331,7 @@ class FileRangeProducer:
 
 
 def send_range(request: IRequest, fd: int, offset: int, length: int, clock: IReactorTime,
-               bucket: TokenBucket | None = None) -> Deferred[None]:
+               bucket: TokenBucket | None = None, read: Any = None) -> Deferred[None]:
     """Send a file range as the body of ``request`` (headers already set), paced by ``bucket``.
 
     Fires when the last byte is written.  The client going away stops the
@@ -288,7 +339,7 @@ def send_range(request: IRequest, fd: int, offset: int, length: int, clock: IRea
     because after the first body byte nothing else can tell the client that
     the body is short.
     """
-    producer = FileRangeProducer(request, fd, offset, length, clock, bucket)
+    producer = FileRangeProducer(request, fd, offset, length, clock, bucket, read)
     request.notifyFinish().addErrback(lambda _: producer.stopProducing())
 
     def failed(failure: Failure) -> Failure:

@@ -26,6 +26,7 @@ from dfly.ratelimit import (
     BURST_SECONDS,
     CHUNK,
     MIN_BURST,
+    READ_AHEAD,
     FileRangeProducer,
     FileShrank,
     TokenBucket,
@@ -814,6 +815,68 @@ class FileRangeProducerTests(SynchronousTestCase):
 RATE = MIB  # its default burst is MIN_BURST
 SLOW = CHUNK  # 64 KiB/s: a pause of twice IDLE costs only 1.25 MiB
 PIECE = MIB
+
+
+class ReadAheadTests(SynchronousTestCase):
+    """FileRangeProducer with ``read``: the file is read off the reactor thread, READ_AHEAD bytes at a time."""
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        self.data = random.Random(5).randbytes(3 * READ_AHEAD + 777)
+        with open(self.path, "wb") as f:
+            f.write(self.data)
+        self.clock = Clock()
+        self.transport = SocketLikeTransport()
+        self.disk = DeferredRunner()  # a disk pool the test drives
+        self.reads = self.disk.pending
+
+    def finish_read(self) -> None:
+        self.disk.run_one()
+
+    def start(self, offset: int = 100, length: int | None = None):  # type: ignore[no-untyped-def]
+        length = len(self.data) - offset if length is None else length
+        self.opened = os.open(self.path, os.O_RDONLY)
+        producer = FileRangeProducer(self.transport, self.opened, offset, length, self.clock, read=self.disk)
+        return producer, producer.start()
+
+    def test_nothing_is_written_until_the_read_returns(self) -> None:
+        """The reactor side writes only bytes a finished read brought."""
+        self.start()
+        self.assertEqual((self.transport.value(), len(self.reads)), (b"", 1))
+
+    def test_the_range_arrives_byte_exact(self) -> None:
+        """Reads in turn deliver exactly the asked range, and done fires."""
+        _, done = self.start(offset=100)
+        while self.reads:
+            self.finish_read()
+        self.assertIsNone(self.successResultOf(done))
+        self.assertEqual(self.transport.value(), self.data[100:])
+
+    def test_one_read_per_read_ahead_bytes(self) -> None:
+        """3 MiB + a bit cost four reads, not one per 64 KiB chunk."""
+        _, done = self.start(offset=0)
+        count = 0
+        while self.reads:
+            self.finish_read()
+            count += 1
+        self.assertEqual((count, done.called), (4, True))
+
+    def test_fd_stays_open_for_a_read_in_flight(self) -> None:
+        """Stopped during a read, the producer closes its fd only when the read returns."""
+        producer, done = self.start()
+        producer.stopProducing()
+        self.failureResultOf(done, ConnectionLost)
+        os.fstat(self.opened)  # still open: the disk thread may be reading it
+        self.finish_read()
+        error = self.assertRaises(OSError, os.fstat, self.opened)
+        self.assertEqual((error.errno, self.transport.value()), (errno.EBADF, b""))
+
+    def test_file_shorter_than_the_range_fails(self) -> None:
+        """A read that finds no bytes left ends the transfer with FileShrank."""
+        _, done = self.start(offset=0, length=len(self.data) + 10)
+        while self.reads:
+            self.finish_read()
+        self.failureResultOf(done, FileShrank)
 
 
 class PauseRecordingTransport(StringTransport):

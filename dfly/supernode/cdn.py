@@ -241,11 +241,13 @@ class CdnFiles(resource.Resource):
 
     def __init__(self, cache: CdnCache, clock: IReactorTime | None = None, bucket: TokenBucket | None = None,
                  keys: Callable[[str], str | None] | None = None,
-                 on_missing: Callable[[str], None] = lambda task_id: None) -> None:
+                 on_missing: Callable[[str], None] = lambda task_id: None,
+                 read: Callable[[Callable[[], bytes]], Any] | None = None) -> None:
         super().__init__()
         self._cache = cache
         self._keys = keys  # task id -> its key; None: no key needed (tests of the file serving alone)
         self._on_missing = on_missing  # a known task's file is gone (removed by hand)
+        self._read = read  # where piece reads run (the disk pool); None: on the reactor thread
         self._bucket = bucket
         self._clock = clock if clock is not None else (bucket.clock if bucket is not None else None)
 
@@ -271,7 +273,7 @@ class CdnFiles(resource.Resource):
             if self._keys is not None:
                 self._on_missing(task_id)
             return resource.NoResource("no such task")
-        return _CachedFile(path, self._clock, self._bucket)
+        return _CachedFile(path, self._clock, self._bucket, self._read)
 
     def render_GET(self, request: IRequest) -> bytes:
         request.setResponseCode(404)
@@ -284,11 +286,12 @@ class _CachedFile(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, path: str, clock: IReactorTime | None, bucket: TokenBucket | None) -> None:
+    def __init__(self, path: str, clock: IReactorTime | None, bucket: TokenBucket | None, read: Any = None) -> None:
         super().__init__()
         self._path = path
         self._clock = clock
         self._bucket = bucket
+        self._read = read
 
     def render_HEAD(self, request: IRequest) -> bytes:
         opened = self._open(request)
@@ -301,7 +304,7 @@ class _CachedFile(resource.Resource):
         if not isinstance(opened, tuple):
             return opened
         fd, start, length = opened
-        send_range(request, fd, start, length, self._clock, self._bucket).addCallbacks(
+        send_range(request, fd, start, length, self._clock, self._bucket, self._read).addCallbacks(
             lambda _: request.finish(), lambda _: None  # a failure already dropped the connection
         )
         return NOT_DONE_YET

@@ -243,7 +243,7 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     cdn_listener = ListeningService(
         tcp_endpoint(reactor, config.download_port, config.listen),
         BoundedSite(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor), tasks.key_for,
-                      tasks.cache_file_missing)),
+                      tasks.cache_file_missing, disk.run)),
         "CDN",
     )
     # Peers must be told the CDN port actually bound (it may have been 0).
