@@ -262,10 +262,20 @@ class SupernodeFileConfig:
     max_fetches: int = 32  # source fetches at once (more wait in a queue)
     max_file_size: int = 0  # bytes; 0 = unlimited
     disk_threads: int = 4
+    access_log: bool = False  # one log line per HTTP request on both ports
     scheduler: Mapping[str, Any] = attrs.field(factory=dict)  # checked by dfly.supernode.policy
 
 
-def _count(value: Any) -> int:
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def parse_count(value: Any) -> int:
+    """A whole number >= 1, from YAML (an int) or a flag (digits)."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected a whole number >= 1, got {value!r}")
     return value
@@ -292,11 +302,12 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "accessExpireTime": ("access_expire_time", parse_duration),
     "revalidateWindow": ("revalidate_window", parse_duration),
     "cacheLimit": ("cache_limit", parse_size),
-    "maxTasks": ("max_tasks", _count),
-    "maxPeersPerTask": ("max_peers_per_task", _count),
-    "maxFetches": ("max_fetches", _count),
+    "maxTasks": ("max_tasks", parse_count),
+    "maxPeersPerTask": ("max_peers_per_task", parse_count),
+    "maxFetches": ("max_fetches", parse_count),
     "maxFileSize": ("max_file_size", parse_size),
-    "diskThreads": ("disk_threads", _count),
+    "diskThreads": ("disk_threads", parse_count),
+    "accessLog": ("access_log", _bool),
     "scheduler": ("scheduler", _mapping),
 }
 
@@ -355,12 +366,6 @@ def _regex(value: Any) -> re.Pattern[str]:
         return re.compile(value)
     except re.error as e:
         raise ValueError(f"invalid regular expression {value!r}: {e}") from None
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
 
 
 def _rules(value: Any) -> tuple[ProxyRule, ...]:

@@ -33,7 +33,7 @@ class ExampleConfigTests(SynchronousTestCase):
         self.assertEqual(policy_from_mapping(config.scheduler), SchedulerPolicy())
         defaults = SupernodeFileConfig()
         for field in ("task_expire_time", "access_expire_time", "revalidate_window", "cache_limit", "max_tasks",
-                      "max_peers_per_task", "max_fetches", "max_file_size", "disk_threads"):
+                      "max_peers_per_task", "max_fetches", "max_file_size", "disk_threads", "access_log"):
             self.assertEqual(getattr(config, field), getattr(defaults, field), field)
 
     def test_dfdaemon_example_loads(self) -> None:

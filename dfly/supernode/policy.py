@@ -11,13 +11,7 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
-from dfly.config import parse_duration
-
-
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number >= 1, got {value!r}")
-    return value
+from dfly.config import parse_count, parse_duration
 
 
 def _duration(value: Any) -> float:
@@ -54,15 +48,15 @@ class SchedulerPolicy:
 
 #: ``supernode.yml`` ``scheduler:`` keys -> (field, parser).
 _KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "maxRunning": ("max_running", _positive_int),
-    "maxUploads": ("max_uploads", _positive_int),
-    "cdnTaskLimit": ("cdn_task_limit", _positive_int),
-    "elimination": ("elimination", _positive_int),
-    "isolation": ("isolation", _positive_int),
+    "maxRunning": ("max_running", parse_count),
+    "maxUploads": ("max_uploads", parse_count),
+    "cdnTaskLimit": ("cdn_task_limit", parse_count),
+    "elimination": ("elimination", parse_count),
+    "isolation": ("isolation", parse_count),
     "silence": ("silence", _duration),
     "hungUpGrace": ("hung_up_grace", _duration),
     "finishedSilence": ("finished_silence", _duration),
-    "scanBudget": ("scan_budget", _positive_int),
+    "scanBudget": ("scan_budget", parse_count),
 }
 
 

@@ -98,8 +98,10 @@ class PullQueue:
         """``k`` new chances to fetch from ``source`` (a peer cid or the CDN's): hand them to the first hungry pulls.
 
         From a peer, each try is `TaskSchedule.assign_from` (a set
-        difference over that peer's pieces); from the CDN, a full assign,
-        which the CDN's free slot makes succeed early in its walk.
+        difference over that peer's pieces), and a pull it wakes is topped up
+        with a full assign; from the CDN, a full assign, which the CDN's free
+        slot makes succeed early in its walk.  Only pieces from ``source``
+        count against ``k``.
         """
         if k <= 0:
             return
@@ -117,10 +119,12 @@ class PullQueue:
                 chosen = self.schedule.assign(cid)
             else:
                 one = self.schedule.assign_from(cid, source)
-                chosen = [one] if one else []
+                # Topped up with what else it may run now, so one answer
+                # carries it all (a pull less; and a free CDN slot is used).
+                chosen = [one, *self.schedule.assign(cid)] if one else []
             if chosen:
                 del self._hungry[cid]
-                k -= len(chosen)
+                k -= sum(1 for _, src in chosen if src == source)
                 self._wake(d, chosen)
             else:
                 self._hungry.move_to_end(cid)

@@ -22,6 +22,7 @@ from dfly.config import (
     SupernodeFileConfig,
     check_ip,
     load_supernode_config,
+    parse_count,
     parse_duration,
     parse_port_flag,
     parse_size,
@@ -53,6 +54,9 @@ class Options(usage.Options):
         "Run the dfly supernode: the register/scheduling API (default port 8002) and the CDN "
         "piece server (default port 8001).  Values from --config are overridden by flags."
     )
+    optFlags = [
+        ["access-log", None, "Log one line per HTTP request on both ports [default: off; accessLog]."],
+    ]
     optParameters = [
         ["config", "c", DEFAULT_SUPERNODE_CONFIG, "YAML config file (optional when left at the default path)."],
         ["port", "p", None, "Register API port [default: 8002]."],
@@ -120,6 +124,8 @@ def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
         changes["ca_bundle"] = options["ca-bundle"]
     if options["max-upload-bandwidth"] is not None:
         changes["max_upload_bandwidth"] = parse_size(options["max-upload-bandwidth"])
+    if options.get("access-log"):
+        changes["access_log"] = True
     for flag, field, parse in _MORE_FLAGS:
         if options[flag] is not None:
             try:
@@ -136,23 +142,17 @@ def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
     return attrs.evolve(config, home=os.path.abspath(os.path.expanduser(config.home)))
 
 
-def _count_flag(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 #: Flags that map one to one onto a config field: (flag, field, parser).
 _MORE_FLAGS = (
     ("task-expire-time", "task_expire_time", parse_duration),
     ("access-expire-time", "access_expire_time", parse_duration),
     ("revalidate-window", "revalidate_window", parse_duration),
     ("cache-limit", "cache_limit", parse_size),
-    ("max-tasks", "max_tasks", _count_flag),
-    ("max-peers-per-task", "max_peers_per_task", _count_flag),
-    ("max-fetches", "max_fetches", _count_flag),
+    ("max-tasks", "max_tasks", parse_count),
+    ("max-peers-per-task", "max_peers_per_task", parse_count),
+    ("max-fetches", "max_fetches", parse_count),
     ("max-file-size", "max_file_size", parse_size),
-    ("disk-threads", "disk_threads", _count_flag),
+    ("disk-threads", "disk_threads", parse_count),
 )
 
 
@@ -238,12 +238,12 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     disk.setServiceParent(top)
     _Supernode(tasks, pool, reactor, config).setServiceParent(top)
     api_listener = ListeningService(
-        tcp_endpoint(reactor, config.port, config.listen), BoundedSite(api.resource()), "register API"
+        tcp_endpoint(reactor, config.port, config.listen), BoundedSite(api.resource(), access_log=config.access_log), "register API"
     )
     cdn_listener = ListeningService(
         tcp_endpoint(reactor, config.download_port, config.listen),
         BoundedSite(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor), tasks.key_for,
-                      tasks.cache_file_missing, disk.run)),
+                      tasks.cache_file_missing, disk.run), access_log=config.access_log),
         "CDN",
     )
     # Peers must be told the CDN port actually bound (it may have been 0).

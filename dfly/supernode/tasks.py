@@ -260,14 +260,18 @@ class TaskManager:
             and self.clock.seconds() - task.revalidated_at > self.revalidate_window
         )
 
-    def _new_task(self, fetch: CdnFetch, base_id: str) -> Task:
+    def _room_for_a_task(self, task_id: str) -> None:
+        """503 when ``--max-tasks`` versions are in memory (after expiring what can go)."""
         if len(self.tasks) >= self.limits.max_tasks:
             self.collect()
             if len(self.tasks) >= self.limits.max_tasks:
                 log.warn("{n} tasks in memory (--max-tasks): refused taskID:{task_id}",
-                         n=len(self.tasks), task_id=fetch.task_id)
+                         n=len(self.tasks), task_id=task_id)
                 raise ApiError(503, codes.SYSTEM_ERROR,
                                f"the supernode holds {len(self.tasks)} tasks, its limit (--max-tasks)")
+
+    def _new_task(self, fetch: CdnFetch, base_id: str) -> Task:
+        self._room_for_a_task(fetch.task_id)  # again: others may have taken the room meanwhile
         schedule = TaskSchedule(CDN, policy=self.policy)
         task = Task(fetch=fetch, base_id=base_id, schedule=schedule,
                     queue=PullQueue(schedule, self.counters), revalidated_at=self.clock.seconds())
@@ -303,6 +307,7 @@ class TaskManager:
 
     async def _open_task(self, reg: Registration) -> Task:
         """The first registration of a task (or after it failed or left memory): one GET."""
+        self._room_for_a_task(reg.task_id)  # before the source is asked anything
         stored = self.cache.load_meta(reg.task_id)
         if stored is not None and (stored.url, stored.md5, stored.identifier) != (reg.task_url, reg.md5, reg.identifier):
             stored = None
@@ -580,9 +585,12 @@ class TaskManager:
             task.schedule.failed(cid, piece, kind)
         if source is not None:
             task.queue.slot_freed(cid)
-            task.queue.offer(1, source)
+            # The new holder first: an offer from the CDN runs a full assign,
+            # which prefers free peers, so offered first it would spend the
+            # CDN's chance on the reporter's new piece and leave the CDN idle.
             if success:
                 task.queue.offer(task.schedule.spare_uploads(cid), cid)
+            task.queue.offer(1, source)
 
     def service_down(self, task_id: str, cid: str) -> None:
         task, _ = self.progress(task_id, cid)
