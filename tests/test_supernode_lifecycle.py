@@ -639,3 +639,47 @@ class MissingCacheFileTests(LifecycleTestCase):
         self.cdn_get()
         tid = self.register_ok(self.url, cid="peer-2")
         self.assertEqual(self.download(tid, "peer-2"), self.digests(payload(TWO)))
+
+
+class ReviewRegressionTests(LifecycleTestCase):
+    """Bugs an independent review found in the first version of this code."""
+
+    options = {"task_expire_time": 10.0}
+
+    def test_old_version_survives_when_the_newer_one_expires(self) -> None:
+        """A newer version leaving memory hands registrations back to the older one; its peers keep pulling it."""
+        url = self.serve_tagged(b"/five", FIVE)
+        old = self.register_ok(url)
+        first = self.pull(old).data
+        self.serve_tagged(b"/five", FIVE, etag=b'"v2"', seed=1)
+        self.clock.advance(5.1)
+        new = self.register_ok(url, cid="peer-2", ip="192.0.2.2", port=15002)
+        self.download(new, "peer-2")
+        self.service_down(new, "peer-2")
+        for i in range(4):  # peer-1 stays alive past the new version's expiry
+            self.clock.advance(4)
+            self.report(old, first[i]["range"])
+            self.tasks.sweep()
+        old_key = self.tasks.key_for(old)
+        third = self.register_ok(url, cid="peer-3", ip="192.0.2.3", port=15003)
+        self.assertNotEqual(third, old)  # revalidated to the new version, not reopened under the old id
+        self.assertEqual((self.tasks.key_for(old), self.pull(old).code), (old_key, 601))
+        with open(self.cache.data_path(old), "rb") as f:
+            self.assertEqual(f.read(), payload(FIVE))  # the old version's bytes, not the new ones
+
+    def test_cache_that_cannot_be_written_leaves_no_stuck_task(self) -> None:
+        """open_for_write failing (disk full) is a 500 for that registration and the next one fetches anew."""
+        url = self.serve(b"/three", THREE)
+        real = CdnCache.open_for_write
+
+        def full(cache: CdnCache, task_id: str) -> int:
+            raise OSError(28, "No space left on device")
+
+        CdnCache.open_for_write = full  # type: ignore[method-assign]
+        try:
+            refused = self.register(url)
+        finally:
+            CdnCache.open_for_write = real  # type: ignore[method-assign]
+        self.assertEqual((refused.status, refused.json()["code"], list(self.tasks.tasks)), (500, 500, []))
+        tid = self.register_ok(url, cid="peer-2")
+        self.assertEqual((self.tasks.task(tid).state, self.origin.count(b"/three")), ("done", 2))

@@ -138,12 +138,12 @@ class CdnFetch:
         ``resume_pieces * piece_size`` and ``digests`` already hold the
         verified prefix; otherwise the data file starts empty.
         """
-        self._advance(S.FETCHING)
         offset = resume_pieces * self.piece_size
         if resume_pieces:
-            fd = env.cache.open_for_resume(self.task_id)
+            fd = env.cache.open_for_resume(self.task_id)  # OSError: still OPENING, the caller fails it
         else:
             fd = env.cache.open_for_write(self.task_id)
+        self._advance(S.FETCHING)
         self._save_meta(env)
         remaining = self.length - offset if self.length >= 0 else -1
         log.info(

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from typing import Any, Mapping, NoReturn
 
 import attrs
+import hyperlink
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -184,6 +185,8 @@ class TaskManager:
     _fetch_slots: DeferredSemaphore = attrs.field(init=False)
     _opening: dict[str, Deferred[Task]] = attrs.Factory(dict)
     _idle: "OrderedDict[str, float]" = attrs.Factory(OrderedDict)
+    #: base id -> the ids of its versions in memory, oldest first.
+    _versions: dict[str, dict[str, None]] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.access = SourceAccess(self.clock, self.access_ttl, self.fail_access_interval)
@@ -205,6 +208,14 @@ class TaskManager:
         return Deferred.fromCoroutine(self._register(reg))
 
     async def _register(self, reg: Registration) -> Task:
+        for _ in range(3):
+            task = await self._join(reg)
+            if self.tasks.get(task.task_id) is task:
+                return task
+            # It expired (no peer yet) while we asked the source: ask again.
+        raise ApiError(503, codes.SYSTEM_ERROR, f"task {reg.task_id} keeps leaving memory; try again")
+
+    async def _join(self, reg: Registration) -> Task:
         reason = self.access.missing(reg.task_id)
         if reason is not None:
             raise ApiError(404, codes.URL_NOT_REACHABLE, reason)
@@ -233,6 +244,8 @@ class TaskManager:
                      task_id=task.task_id, n=len(task.peers), cid=reg.cid)
             raise ApiError(503, codes.SYSTEM_ERROR,
                            f"task {task.task_id} has {len(task.peers)} peers, the limit (--max-peers-per-task)")
+        if self.tasks.get(task.task_id) is not task:
+            return task  # gone while we waited: _register asks again
         task.schedule.add_peer(reg.cid, reg.ip, reg.port).seen = self.clock.seconds()
         self._heard(task, task.peers[reg.cid])
         self._idle.pop(task.task_id, None)
@@ -282,6 +295,7 @@ class TaskManager:
             self._forget_task(old)
         self.tasks[fetch.task_id] = task
         self.current[base_id] = task
+        self._versions.setdefault(base_id, {})[fetch.task_id] = None
         self._touch(task)
         return task
 
@@ -308,6 +322,13 @@ class TaskManager:
     async def _open_task(self, reg: Registration) -> Task:
         """The first registration of a task (or after it failed or left memory): one GET."""
         self._room_for_a_task(reg.task_id)  # before the source is asked anything
+        old = self.tasks.get(reg.task_id)
+        if old is not None and not old.fetch.ended.called:
+            # A failed fetch removes its cache files after its pulls were told:
+            # never let that removal land on the new fetch's files.
+            ended: Deferred[Any] = Deferred()
+            old.fetch.ended.addBoth(lambda r: (ended.callback(None), r)[1])
+            await ended
         stored = self.cache.load_meta(reg.task_id)
         if stored is not None and (stored.url, stored.md5, stored.identifier) != (reg.task_url, reg.md5, reg.identifier):
             stored = None
@@ -418,8 +439,18 @@ class TaskManager:
         except ApiError:
             abort_body(opened.response)
             raise
-        fetch.start(self._env, opened, reg.url, lambda n: self._piece_cached(task, n),
-                    lambda _: self._fetch_ended(task), resume)
+        try:
+            # Without its query: a signed query must not reach other peers
+            # (in a 502) or the log.
+            shown = hyperlink.URL.from_text(reg.url).replace(query=(), fragment="").to_text()
+            fetch.start(self._env, opened, shown, lambda n: self._piece_cached(task, n),
+                        lambda _: self._fetch_ended(task), resume)
+        except OSError as e:
+            abort_body(opened.response)
+            fetch.fail(f"cannot write the cache for taskID:{fetch.task_id}: {e}")
+            self._forget_task(task)
+            log.error("cannot write the cache for taskID:{task_id}: {error}", task_id=fetch.task_id, error=e)
+            raise ApiError(500, codes.SYSTEM_ERROR, f"the supernode cannot write its cache: {e.strerror or e}") from None
         fetch.ended.addBoth(lambda _: slot.release())
         return task
 
@@ -648,8 +679,18 @@ class TaskManager:
             del self.tasks[task.task_id]
             if task.state != FetchState.FAILED:
                 self._touch(task)
+        versions = self._versions.get(task.base_id, {})
+        if self.tasks.get(task.task_id) is None:
+            versions.pop(task.task_id, None)
+        if not versions:
+            self._versions.pop(task.base_id, None)
         if self.current.get(task.base_id) is task:
-            del self.current[task.base_id]
+            # An older version may still have peers: it becomes what new
+            # registrants get (and revalidate), so nothing reopens its id.
+            if versions:
+                self.current[task.base_id] = self.tasks[next(reversed(versions))]
+            else:
+                del self.current[task.base_id]
         self._idle.pop(task.task_id, None)
         for cid in list(task.peers):
             self.liveness.forget((task.task_id, cid))
