@@ -23,6 +23,7 @@ from dfly.source import SourceClient
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
 from dfly.supernode.policy import SchedulerPolicy
+from dfly.pieces import task_id
 from dfly.supernode.tasks import Limits, TaskManager, version_id
 from tests.test_supernode_api import (
     CDN_IP,
@@ -683,3 +684,15 @@ class ReviewRegressionTests(LifecycleTestCase):
         self.assertEqual((refused.status, refused.json()["code"], list(self.tasks.tasks)), (500, 500, []))
         tid = self.register_ok(url, cid="peer-2")
         self.assertEqual((self.tasks.task(tid).state, self.origin.count(b"/three")), ("done", 2))
+
+    def test_task_being_opened_is_in_use_for_the_disk_quota(self) -> None:
+        """While a registration asks the source, its cache entry counts as in use (the quota keeps it)."""
+        url = self.serve(b"/slow", THREE)
+        self.origin.silent.add(b"/slow")
+        d = self.start("POST", "/peer/registry", json=registration(url))
+        self.pump()
+        tid = task_id(url)
+        self.assertEqual((self.tasks.in_use(tid), tid in self.tasks.tasks), (True, False))
+        self.clock.advance(31)  # the source never answers: the open gives up
+        self.pump()
+        self.assertEqual((self.successResultOf(d).status, self.tasks.in_use(tid)), (502, False))

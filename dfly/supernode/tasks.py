@@ -306,8 +306,8 @@ class TaskManager:
             self.quota.index.touch(task.task_id, fetch.length if fetch.length >= 0 else fetch.ready * fetch.piece_size)
 
     def in_use(self, task_id: str) -> bool:
-        """A version in memory is in use: the disk quota never removes its file."""
-        return task_id in self.tasks
+        """A version in memory, or one being opened, is in use: the disk quota never removes its file."""
+        return task_id in self.tasks or task_id in self._opening
 
     def cache_file_missing(self, task_id: str) -> None:
         """The CDN port found no data file for a task in memory: it was removed by hand."""
