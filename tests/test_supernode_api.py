@@ -172,11 +172,17 @@ def registration(url: str = f"{ORIGIN}/file", cid: str = "peer-1", **fields: Any
 
 
 class SupernodeApiTestCase(SynchronousTestCase):
-    """A supernode over a fake origin; helpers to call it and pump both links."""
+    """A supernode over a fake origin; helpers to call it and pump both links.
+
+    Subclasses may set ``origin_class`` and ``options`` (TaskManager keywords).
+    """
+
+    origin_class: type = Origin
+    options: dict[str, Any] = {}
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.origin = Origin()
+        self.origin = self.origin_class()
         self.origin_http = StubTreq(self.origin)
         self.home = self.mktemp()
         self.start_supernode()
@@ -185,7 +191,7 @@ class SupernodeApiTestCase(SynchronousTestCase):
         """A fresh TaskManager and API over ``self.home`` (as after a restart)."""
         self.cache = CdnCache(self.home)
         source = SourceClient(http=self.origin_http, clock=self.clock)
-        self.tasks = TaskManager(self.cache, source, self.clock, poll_timeout=POLL_TIMEOUT)
+        self.tasks = TaskManager(self.cache, source, self.clock, poll_timeout=POLL_TIMEOUT, **self.options)
         self.addCleanup(self.tasks.stop)
         self.http = StubTreq(SupernodeApi(self.tasks, CDN_PORT, advertise_ip).resource())
 

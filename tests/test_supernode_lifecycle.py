@@ -13,24 +13,17 @@ import os
 import re
 from typing import Any
 
-from treq.testing import StubTreq
-from twisted.internet.task import Clock
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
 
-from dfly.source import SourceClient
-from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
 from dfly.supernode.policy import SchedulerPolicy
 from dfly.pieces import task_id
 from dfly.supernode.tasks import Limits, TaskManager, version_id
 from tests.test_supernode_api import (
-    CDN_IP,
-    CDN_PORT,
     FIVE,
     ORIGIN,
-    POLL_TIMEOUT,
     SMALL,
     TWO,
     Origin,
@@ -114,21 +107,7 @@ class ValidatingOrigin(Origin):
 class LifecycleTestCase(SupernodeApiTestCase):
     """The API harness over a `ValidatingOrigin`; ``options`` go to the TaskManager."""
 
-    options: dict[str, Any] = {}
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.origin = ValidatingOrigin()
-        self.origin_http = StubTreq(self.origin)
-        self.home = self.mktemp()
-        self.start_supernode()
-
-    def start_supernode(self, advertise_ip: str | None = CDN_IP) -> None:
-        self.cache = CdnCache(self.home)
-        source = SourceClient(http=self.origin_http, clock=self.clock)
-        self.tasks = TaskManager(self.cache, source, self.clock, poll_timeout=POLL_TIMEOUT, **self.options)
-        self.addCleanup(self.tasks.stop)
-        self.http = StubTreq(SupernodeApi(self.tasks, CDN_PORT, advertise_ip).resource())
+    origin_class = ValidatingOrigin
 
     def serve_tagged(self, name: bytes, length: int, etag: bytes = b'"v1"', seed: int = 0) -> str:
         self.origin.files[name] = payload(length, seed)
