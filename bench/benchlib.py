@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: their child processes and waiting for them.
+"""What the benchmark scripts share: their child processes, waiting for them, and /proc readers.
 
 The scripts run as ``python3 bench/<name>.py``, so this module is found
 next to them.
@@ -6,6 +6,7 @@ next to them.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -56,3 +57,28 @@ def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 30.0
             return value
         time.sleep(0.05)
     raise SystemExit(f"{name}: {what} did not come up within {timeout:g}s")
+
+
+def read_text(path: str) -> str:
+    """A file's text, or "" when it cannot be read (a process that is gone)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a live process (all its threads)."""
+    fields = read_text(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    if len(fields) < 13:
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / hz, int(fields[12]) / hz
+
+
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds of the whole machine since boot, by kind (softirq is most network work)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(v) / os.sysconf("SC_CLK_TCK") for v in read_text("/proc/stat").split("\n", 1)[0].split()[1:9])
+    return {"user": user + nice, "system": system + irq, "softirq": softirq, "idle": idle + iowait + steal}

@@ -118,7 +118,7 @@ LIMIT_MIB = 64
 LIMIT_RATE = 4 * MIB  # passed as "4M" (dfly's suffixes are binary): 64 MiB take 16 s
 LIMIT_TOLERANCE = 0.05
 
-from benchlib import Children
+from benchlib import Children, machine_cpu, process_cpu, read_text
 from benchlib import wait_for as _wait_for
 
 T = TypeVar("T")
@@ -356,14 +356,6 @@ def daemon_address(host: Host) -> tuple[str, str]:
     return ("0.0.0.0", host.ip) if host.netns else ("127.0.0.1", "127.0.0.1")
 
 
-def read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def run_all(commands: list[list[str]], timeout: float) -> list[Result]:
     """Start every command at once; each one's seconds from the common start, exit status and output."""
     started = time.monotonic()
@@ -478,22 +470,6 @@ def sha256_of(path: str) -> str:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return ""
-
-
-def process_cpu(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a live process."""
-    fields = read_text(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
-    if len(fields) < 13:
-        return 0.0, 0.0
-    hz = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / hz, int(fields[12]) / hz
-
-
-def machine_cpu() -> dict[str, float]:
-    """CPU seconds of the whole machine since boot, by kind (softirq is most network work)."""
-    user, nice, system, idle, iowait, irq, softirq, steal = (
-        int(v) / os.sysconf("SC_CLK_TCK") for v in read_text("/proc/stat").split("\n", 1)[0].split()[1:9])
-    return {"user": user + nice, "system": system + irq, "softirq": softirq, "idle": idle + iowait + steal}
 
 
 def children_cpu() -> tuple[float, float]:

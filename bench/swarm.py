@@ -131,7 +131,7 @@ import attrs
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import Children  # noqa: E402
+from benchlib import Children, process_cpu, read_text  # noqa: E402
 
 MIB = 1 << 20
 PIECE = 4 * MIB
@@ -904,29 +904,13 @@ def child_setup() -> None:
         pass
 
 
-def read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a live process (all its threads)."""
-    fields = read_text(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
-    if len(fields) < 13:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def status_mib(pid: int, field: str) -> float:
     match = re.search(rf"^{field}:\s+(\d+) kB", read_text(f"/proc/{pid}/status"), re.M)
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
 def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot."""
+    """(busy, total) CPU seconds of the whole machine since boot (steal counts as busy)."""
     values = [int(v) for v in read_text("/proc/stat").split("\n", 1)[0].split()[1:9]]
     idle = values[3] + values[4]
     hz = os.sysconf("SC_CLK_TCK")
@@ -1151,13 +1135,13 @@ def run_swarm(args: argparse.Namespace, env: dict[str, str], url: str, peers: in
         workers = start_workers(children, swarm_specs(args, node.port, url, peers, work, "peer", args.workers,
                                                       args.deadline, args.delay, None))
         before = node.metrics()
-        cpu_before, machine_before = process_cpu(node.pid), machine_busy()
+        cpu_before, machine_before = sum(process_cpu(node.pid)), machine_busy()
         started = time.monotonic()
         for w in workers:
             w.go()
         wait_for_done(workers, started + args.deadline + 120)
         wall_all = time.monotonic() - started
-        cpu_after, machine_after = process_cpu(node.pid), machine_busy()
+        cpu_after, machine_after = sum(process_cpu(node.pid)), machine_busy()
         peak = status_mib(node.pid, "VmHWM")
         after = node.metrics()
         results = [w.result() for w in workers]
@@ -1232,7 +1216,7 @@ def run_churn(args: argparse.Namespace, env: dict[str, str], url: str, work: str
                 "at_once": args.churn_at_once, "deadline": args.deadline, "run": f"{time.time():.3f}",
                 "result": os.path.join(work, "churn.json")}
         [w] = start_workers(children, [spec])
-        cpu_before = process_cpu(node.pid)
+        cpu_before = sum(process_cpu(node.pid))
         started = time.monotonic()
         w.go()
         rss_first = float("nan")
@@ -1265,7 +1249,7 @@ def run_churn(args: argparse.Namespace, env: dict[str, str], url: str, work: str
                         break
             waited = time.monotonic() - waited_from
             rss_expired = status_mib(node.pid, "VmRSS")
-        cpu = process_cpu(node.pid) - cpu_before
+        cpu = sum(process_cpu(node.pid)) - cpu_before
     if not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     stats = result.get("stats", {})
