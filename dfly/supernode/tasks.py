@@ -276,7 +276,7 @@ class TaskManager:
     def _room_for_a_task(self, task_id: str) -> None:
         """503 when ``--max-tasks`` versions are in memory (after expiring what can go)."""
         if len(self.tasks) >= self.limits.max_tasks:
-            self.collect()
+            self.sweep()
             if len(self.tasks) >= self.limits.max_tasks:
                 log.warn("{n} tasks in memory (--max-tasks): refused taskID:{task_id}",
                          n=len(self.tasks), task_id=task_id)
@@ -648,9 +648,6 @@ class TaskManager:
 
     def sweep(self) -> None:
         """Drop silent peers, expire idle tasks and old memories: O(what expires)."""
-        self.collect()
-
-    def collect(self) -> None:
         now = self.clock.seconds()
         for task_id, cid in list(self.liveness.expired(now)):
             task = self.tasks.get(task_id)
