@@ -31,7 +31,7 @@ from dfly import codes
 from dfly.config import Home, format_node
 from dfly.jsonapi import parse_json
 from dfly.logs import CLIENT_NAMESPACE
-from dfly.pieces import DEFAULT_PIECE_SIZE, parse_range
+from dfly.pieces import DEFAULT_PIECE_SIZE, file_digest, parse_range
 from dfly.ratelimit import HostLimit, TokenBucket, describe_limit
 from dfly.source import SourceClient, SourceError, abort_body
 from dfly.stream import BodyWriter, RunBlocking, StreamError, WriteError, thread_runner
@@ -618,7 +618,7 @@ class PeerEngine:
         if req.digest:
             checks.append(req.digest)
         for algorithm, expected in checks:
-            actual = await self._in_thread(storage.file_digest, run.path, algorithm)
+            actual = await self._in_thread(file_digest, run.path, algorithm)
             if actual != expected:
                 raise DownloadFailed(
                     codes.ERR_DOWNLOAD, codes.REASON_DIGEST_MISMATCH,

@@ -14,8 +14,6 @@ import os
 import re
 import shutil
 
-from dfly.pieces import file_digest  # noqa: F401  (the engine's whole-file check)
-
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
