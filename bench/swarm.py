@@ -57,7 +57,8 @@ Reading a swarm row:
   /proc/PID/stat) over the run (pulls, registrations and all), divided
   by the success reports it answered (``reports``);
 - ``pulls/rep``: pull answers per report; ``wait p50/p99``: client-side
-  time of the pulls that answered 601 (how long a peer waited for work);
+  time of the requests whose answer gave work (pulls that answered 601 and
+  reports answered with the peer's next pieces: how long a peer waited);
   ``pull p50/p99``: the same over every pull;
 - ``wake/rep``, ``assign/rep``: from the supernode's ``GET /metrics``
   (``dfly_supernode_pull_wakeups_total``: held pulls resumed by an event;
@@ -147,7 +148,9 @@ CHURN_CHECKPOINT = 100
 CHURN_SIZE = 1024
 MAX_REGISTRATIONS = 3  # a peer the supernode dropped registers again at most this often
 MAX_RECONNECTS = 10
-REQUEST_TIMEOUT = 120.0  # client side, per request (pulls are held for --poll-timeout, 5 s by default)
+#: What a simulated peer asks its held pull's budget to be (``wait``), as the engine does.
+PULL_WAIT = 30.0
+REQUEST_TIMEOUT = 120.0  # client side, per request (pulls are held for up to PULL_WAIT)
 
 
 def log(message: str) -> None:
@@ -577,7 +580,8 @@ class SimulatedPeer:
         self.registered = True
         w = self.worker
         w.stats["registered"] += 1
-        self.pull_data = get_request(w.host, w.port, f"/peer/task?taskId={self.task_id}&srcCid={quote(self.cid)}")
+        self.pull_data = get_request(
+            w.host, w.port, f"/peer/task?taskId={self.task_id}&srcCid={quote(self.cid)}&wait={PULL_WAIT:g}")
         if self.conn is not None and self.conn.open:
             self._pull()
         else:
@@ -614,9 +618,7 @@ class SimulatedPeer:
         w.stats[f"pull {code}"] += 1
         if code == 601:
             self.lat_wait.append(latency)
-            delay = self.spec["delay"]
-            for piece in answer.get("data") or []:
-                w.reactor.callLater(delay, self._report, piece)
+            self._run(answer.get("data") or [])
             self._pull()
         elif code == 602:
             self._pull()
@@ -631,21 +633,38 @@ class SimulatedPeer:
             w.errors[f"pull {status}/{code}: {answer.get('msg', '')}"] += 1
             self._end("pull failed")
 
+    def _run(self, pieces: list[dict[str, Any]]) -> None:
+        """"Fetch" each piece: report it after the spec's delay."""
+        for piece in pieces:
+            self.worker.reactor.callLater(self.spec["delay"], self._report, piece)
+
     def _report(self, piece: dict[str, Any]) -> None:
+        """As the engine reports: ``next=1``, so the answer carries this peer's next pieces."""
         if self.ended:
             return
         w = self.worker
         path = (f"/peer/piece/suc?taskId={self.task_id}&cid={quote(self.cid)}&dstCid={quote(str(piece.get('cid')))}"
-                f"&pieceRange={piece.get('range')}")
+                f"&pieceRange={piece.get('range')}&next=1")
         w.stats["reports sent"] += 1
-        w.pooled(get_request(w.host, w.port, path), self._reported, self._report_lost)
+        sent = w.reactor.seconds()
+        w.pooled(get_request(w.host, w.port, path), lambda status, body: self._reported(sent, status, body),
+                 self._report_lost)
 
-    def _reported(self, status: int, body: bytes) -> None:
-        if status == 200:
-            self.worker.stats["reports ok"] += 1
-        else:
-            self.worker.stats["reports refused"] += 1
-            self.worker.errors[f"report {status}: {body.decode(errors='replace')}"] += 1
+    def _reported(self, sent: float, status: int, body: bytes) -> None:
+        w = self.worker
+        if status != 200:
+            w.stats["reports refused"] += 1
+            w.errors[f"report {status}: {body.decode(errors='replace')}"] += 1
+            return
+        w.stats["reports ok"] += 1
+        try:
+            pieces = json.loads(body).get("data") or []
+        except (ValueError, AttributeError):
+            w.errors["report 200: not JSON"] += 1
+            return
+        if pieces and not self.ended:
+            self.lat_wait.append(w.reactor.seconds() - sent)
+            self._run(pieces)
 
     def _report_lost(self, reason: str) -> None:
         self.worker.stats["reports lost"] += 1
@@ -960,12 +979,13 @@ def supernode_flags(env: dict[str, str]) -> str:
     return done.stdout + done.stderr
 
 
-def start_supernode(children: Children, env: dict[str, str], home: str, extra: list[str]) -> Supernode:
+def start_supernode(children: Children, env: dict[str, str], home: str, extra: list[str],
+                    twistd_args: list[str] = []) -> Supernode:
     """A fresh supernode on 127.0.0.1, its API answering /_ping; retried once a minute later if it fails to start."""
     for attempt in (1, 2):
         os.makedirs(home, exist_ok=True)
         log_path = os.path.join(home, f"twistd-{attempt}.log")
-        process = children.start([*TWISTD, "-n", "--pidfile=", "-l", "-", "supernode", "--port", "0",
+        process = children.start([*TWISTD, "-n", "--pidfile=", *twistd_args, "-l", "-", "supernode", "--port", "0",
                                   "--download-port", "0", "--listen", "127.0.0.1", "--home", home, *extra],
                                  log=log_path, preexec_fn=child_setup, cwd=home)
         deadline = time.monotonic() + 60
@@ -1121,7 +1141,8 @@ def swarm_specs(args: argparse.Namespace, api_port: int, url: str, peers: int, w
 def run_swarm(args: argparse.Namespace, env: dict[str, str], url: str, peers: int, work: str) -> SwarmRow:
     home = os.path.join(work, f"supernode-{peers}")
     with Children(env) as children:
-        node = start_supernode(children, env, home, [])
+        profile = ["--profiler=cprofile", "--savestats", f"--profile={args.profile}-{peers}.prof"] if args.profile else []
+        node = start_supernode(children, env, home, [], profile)
         warmup = 0.0
         if not args.cold:
             started = time.monotonic()
@@ -1404,6 +1425,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tmpdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                         help="where the supernodes' homes and logs go [/dev/shm]")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (supernode logs)")
+    parser.add_argument("--profile", metavar="PREFIX", default="",
+                        help="run each swarm supernode under twistd's cProfile, stats saved to PREFIX-<N>.prof "
+                             "(read with python3 -m pstats; profiling roughly doubles the CPU per report)")
     args = parser.parse_args()
     try:
         args.peer_counts = [int(p) for p in args.peers.split(",") if p.strip()]

@@ -126,7 +126,7 @@ class PeerEngine:
     ip: str | None = None  # advertised IP; None = the address that reaches the supernode
     api_timeout: float = 10.0
     register_timeout: float = 60.0
-    poll_timeout: float = 5.0
+    poll_timeout: float = 30.0  # how long the supernode may hold our pull (sent as its ``wait``)
     idle_timeout: float = 30.0
     source: SourceClient = attrs.field(default=None)
     run_blocking: RunBlocking = attrs.field(default=None)  # where hashing and disk writes run
@@ -416,7 +416,9 @@ class PeerEngine:
             self.uploads.add(run.held)
         self._known_length(run, int(reg.get("fileLength", -1)))
         run.emit({"event": "file", "path": run.path, "length": run.length})
-        params = {"taskId": task_id, "srcCid": cid}
+        # A held pull is woken when an event elsewhere gives us work; our own
+        # reports get our next pieces in their answers (``next=1``).
+        params = {"taskId": task_id, "srcCid": cid, "wait": f"{self.poll_timeout:g}"}
         try:
             while True:
                 if run.fatal:
@@ -458,8 +460,8 @@ class PeerEngine:
             raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, f"supernode says finished, but {count - len(run.have)} pieces are missing")
         self._known_length(run, length)
 
-    def _start_piece(self, run: _Run, node: tuple[str, int], task_id: str, cid: str, piece: dict[str, Any]) -> None:
-        num = piece.get("pieceNum")
+    def _start_piece(self, run: _Run, node: tuple[str, int], task_id: str, cid: str, piece: Any) -> None:
+        num = piece.get("pieceNum") if isinstance(piece, dict) else None
         if not isinstance(num, int) or num in run.running or num in run.have:
             return
         d = Deferred.fromCoroutine(self._piece(run, node, task_id, cid, piece))
@@ -495,11 +497,11 @@ class PeerEngine:
             run.running.pop(num, None)
             run.failures += 1
             log.warn("piece {num} from {dst} failed: {error}", num=num, dst=dst, error=e.error, sign=run.req.sign)
-            params = {"taskId": task_id, "cid": cid, "dstCid": dst, "range": byte_range, "kind": e.kind}
+            params = {"taskId": task_id, "cid": cid, "dstCid": dst, "range": byte_range, "kind": e.kind, "next": 1}
             if run.failures > MAX_PIECE_FAILURES:
                 self._fatal(run, f"{run.failures} piece failures, last: {e.error}")
                 return
-            await self._report(run, node, "/peer/piece/error", params)
+            await self._report(run, node, task_id, cid, "/peer/piece/error", params)
             return
         run.have.add(num)
         start, end = parse_range(byte_range)
@@ -513,9 +515,12 @@ class PeerEngine:
             run.from_peers += length
         run.emit({"event": "piece", "start": start, "end": end})
         run.emit({"event": "progress", "done": run.done, "total": run.length})
-        await self._report(run, node, "/peer/piece/suc", {"taskId": task_id, "cid": cid, "dstCid": dst, "pieceRange": byte_range})
+        await self._report(run, node, task_id, cid, "/peer/piece/suc",
+                           {"taskId": task_id, "cid": cid, "dstCid": dst, "pieceRange": byte_range, "next": 1})
 
-    async def _report(self, run: _Run, node: tuple[str, int], path: str, params: Mapping[str, Any]) -> None:
+    async def _report(self, run: _Run, node: tuple[str, int], task_id: str, cid: str, path: str,
+                      params: Mapping[str, Any]) -> None:
+        """Report a piece; the answer carries our next pieces (``next=1``), started at once."""
         try:
             status, answer = await self._api(node, "GET", path, params)
         except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _P2PFailed) as e:
@@ -523,6 +528,11 @@ class PeerEngine:
             return
         if status != 200:
             self._fatal(run, f"supernode refused report {path}: {answer.get('msg', '')}")
+            return
+        pieces = answer.get("data")
+        if isinstance(pieces, list) and not run.fatal:
+            for piece in pieces:
+                self._start_piece(run, node, task_id, cid, piece)
 
     def _fatal(self, run: _Run, error: str) -> None:
         """Stop the pull loop: it re-raises ``run.fatal`` as soon as it wakes."""

@@ -12,16 +12,18 @@ import platform
 from typing import Any
 
 import hyperlink
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 import dfly
 from dfly import codes
-from dfly.jsonapi import bad_request, envelope, json_app, query_arg, query_int, read_json
+from dfly.jsonapi import FastRoutes, bad_request, envelope, json_app, query_arg, query_int, read_json
 from dfly.pieces import is_md5, is_task_id, parse_digest, parse_filter, parse_range, piece_num_of, task_id, task_url
 from dfly.urls import check_url, parse_header_lines
 from dfly.supernode.metrics import metrics_registry, render
-from dfly.supernode.tasks import Registration, TaskManager
+from dfly.supernode.pullqueue import Assignment
+from dfly.supernode.tasks import MAX_POLL_WAIT, Registration, Task, TaskManager
 
 log = Logger(namespace="dfly.supernode.api")
 
@@ -124,7 +126,11 @@ class SupernodeApi:
         self.metrics = metrics_registry(tasks)
 
     def resource(self) -> Any:
-        return self.app.resource()
+        """Pulls and reports (nearly every request of a swarm) bypass klein: see `FastRoutes`."""
+        return FastRoutes(
+            {b"/peer/task": self.pull, b"/peer/piece/suc": self.piece_success, b"/peer/piece/error": self.piece_error},
+            self.app.resource(),
+        )
 
     @app.route("/peer/registry", methods=["POST"])
     async def registry(self, request: IRequest) -> bytes:
@@ -137,42 +143,50 @@ class SupernodeApi:
             {"taskId": task.task_id, "fileLength": task.length, "pieceSize": task.piece_size, "key": task.key},
         )
 
-    @app.route("/peer/task", methods=["GET"])
-    async def pull(self, request: IRequest) -> bytes:
+    def pull(self, request: IRequest) -> bytes | Deferred[bytes]:
+        """``GET /peer/task``: the next pieces, at once or when the held pull is woken."""
         tid = _task_id_arg(request)
         cid = query_arg(request, "srcCid")
+        wait = _wait_arg(request)
         # Dragonfly clients report their previous piece in the pull itself.
         reported = query_arg(request, "range", required=False)
         if reported:
             result = query_int(request, "result")
             task = self.tasks.task(tid)
             self.tasks.piece_result(tid, cid, _piece_num(reported, task.piece_size), result in (501, 503))
-        code, data = await self.tasks.pull(tid, cid, self._cdn_ip(request), self.download_port)
-        msg = {codes.PEER_CONTINUE: "continue", codes.PEER_FINISH: "finish", codes.PEER_WAIT: "wait"}[code]
-        return envelope(request, code, msg, data)
+        answer = self.tasks.pull(tid, cid, self._cdn_ip(request), self.download_port, wait)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(lambda answer: _pull_answer(request, *answer))
+        return _pull_answer(request, *answer)
 
-    @app.route("/peer/piece/suc", methods=["GET"])
     def piece_success(self, request: IRequest) -> bytes:
+        """``GET /peer/piece/suc``; with ``next=1`` the answer carries the reporter's next pieces."""
         tid = _task_id_arg(request)
         cid = query_arg(request, "cid")
         task = self.tasks.task(tid)
         text = query_arg(request, "pieceRange", required=False) or query_arg(request, "range")
-        self.tasks.piece_result(tid, cid, _piece_num(text, task.piece_size), True)
-        return envelope(request, codes.PIECE_REPORTED, "success")
+        take_next = _next_arg(request)
+        chosen = self.tasks.piece_result(tid, cid, _piece_num(text, task.piece_size), True, take_next=take_next)
+        return self._reported(request, task, chosen, take_next, "success")
 
-    @app.route("/peer/piece/error", methods=["GET"])
     def piece_error(self, request: IRequest) -> bytes:
+        """``GET /peer/piece/error``: the source is blamed; ``next=1`` as for a success."""
         tid = _task_id_arg(request)
         cid = query_arg(request, "cid", required=False) or query_arg(request, "srcCid")
         task = self.tasks.task(tid)
         piece = _piece_num(query_arg(request, "range"), task.piece_size)
         kind = query_arg(request, "kind", required=False) or query_arg(request, "errorType", required=False)
+        take_next = _next_arg(request)
         log.warn(
             "piece {piece} of taskID:{task_id} failed for {cid} from {dst}: {kind}",
             piece=piece, task_id=tid, cid=cid, dst=query_arg(request, "dstCid", required=False), kind=kind,
         )
-        self.tasks.piece_result(tid, cid, piece, False, kind)
-        return envelope(request, codes.PIECE_REPORTED, "recorded")
+        chosen = self.tasks.piece_result(tid, cid, piece, False, kind, take_next=take_next)
+        return self._reported(request, task, chosen, take_next, "recorded")
+
+    def _reported(self, request: IRequest, task: Task, chosen: Assignment, take_next: bool, msg: str) -> bytes:
+        data = self.tasks.piece_infos(task, chosen, self._cdn_ip(request), self.download_port) if take_next else None
+        return envelope(request, codes.PIECE_REPORTED, msg, data)
 
     @app.route("/peer/service/down", methods=["GET"])
     def service_down(self, request: IRequest) -> bytes:
@@ -201,6 +215,34 @@ class SupernodeApi:
     def _cdn_ip(self, request: IRequest) -> str:
         """Where peers reach the CDN: --advertise-ip, else the address they reached us on."""
         return self.advertise_ip or request.getHost().host
+
+
+_PULL_MSG = {codes.PEER_CONTINUE: "continue", codes.PEER_FINISH: "finish", codes.PEER_WAIT: "wait"}
+
+
+def _pull_answer(request: IRequest, code: int, data: Any) -> bytes:
+    return envelope(request, code, _PULL_MSG[code], data)
+
+
+def _wait_arg(request: IRequest) -> float | None:
+    """The pull's own hold budget in seconds (``wait``), or None: the supernode's ``--poll-timeout``."""
+    text = query_arg(request, "wait", required=False)
+    if not text:
+        return None
+    try:
+        wait = float(text)
+    except ValueError:
+        raise bad_request(f"query parameter 'wait' must be seconds, got {text!r}") from None
+    if not 0 <= wait <= MAX_POLL_WAIT:  # NaN too
+        raise bad_request(f"query parameter 'wait' must be 0-{MAX_POLL_WAIT:g} seconds, got {text!r}")
+    return wait
+
+
+def _next_arg(request: IRequest) -> bool:
+    text = query_arg(request, "next", required=False, default="0")
+    if text not in ("0", "1"):
+        raise bad_request(f"query parameter 'next' must be 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def _piece_num(text: str, piece_size: int) -> int:

@@ -94,6 +94,21 @@ class PullQueue:
         # piece now) and holds itself again if not.
         self._wake(d, chosen or REEVALUATE)
 
+    def settle(self, cid: str) -> None:
+        """``cid`` was just handed pieces outside its held pull (in its report's answer): re-file that pull by its need.
+
+        Parked when its slots are full again, hungry when it still has a
+        free one (at the back if it was parked; a hungry one keeps its place).
+        """
+        if self.schedule.need(cid) <= 0:
+            d = self._hungry.pop(cid, None)
+            if d is not None:
+                self._parked[cid] = d
+        else:
+            d = self._parked.pop(cid, None)
+            if d is not None:
+                self._hungry[cid] = d
+
     def offer(self, k: int, source: str) -> None:
         """``k`` new chances to fetch from ``source`` (a peer cid or the CDN's): hand them to the first hungry pulls.
 

@@ -56,6 +56,10 @@ SOURCE_FAULTS = {
     "timeout": 1,
 }
 
+#: A peer lacking at most this many pieces has them sorted (rarest, nearest);
+#: one lacking more walks the holder buckets, which finds its few quickly.
+SORT_LIMIT = 24
+
 K = TypeVar("K", bound=Hashable)
 
 
@@ -135,6 +139,7 @@ class TaskSchedule:
     policy: SchedulerPolicy = _DEFAULT
     peers: dict[str, Peer] = attrs.Factory(dict)
     ready: int = 0
+    ready_pieces: set[int] = attrs.Factory(set)  # 0..ready-1, for set differences
     cdn_uploads: int = 0
     cdn_pieces: set[int] = attrs.Factory(set)  # pieces the CDN is sending right now
     holders: dict[int, IndexedSet[str]] = attrs.Factory(dict)
@@ -182,6 +187,7 @@ class TaskSchedule:
         """The CDN holds pieces ``0..piece`` now (they arrive in order)."""
         while self.ready <= piece:
             self._bucket(0).add(self.ready)
+            self.ready_pieces.add(self.ready)
             self.holders[self.ready] = IndexedSet()
             self.free_holders[self.ready] = IndexedSet()
             self.ready += 1
@@ -204,38 +210,56 @@ class TaskSchedule:
             return []
         isolated = peer.failures > self.policy.isolation
         cdn_free = self.cdn_free()
-        if not cdn_free and (isolated or not self._lacks_available(peer)):
-            return []  # only busy sources hold what it lacks: no walk needed
+        if isolated and not cdn_free:
+            return []
+        # What it lacks: a set difference in C, and with the CDN busy only
+        # pieces some holder can serve now, so few candidates fail.
+        lacking = self.ready_pieces - peer.have
+        if peer.running:
+            lacking -= peer.running.keys()
+        if not cdn_free:
+            lacking &= self.available
+        if not lacking:
+            return []
         center = sum(peer.running) // len(peer.running) if peer.running else peer.last_piece
+        if len(lacking) <= SORT_LIMIT:
+            # Few left (most peers, most of the time): sort them by rarity,
+            # then distance, ties at random; the walk would step over every
+            # piece the peer has.
+            holders, rng = self.holders, self.rng
+            order: Iterable[int] = sorted(lacking, key=lambda n: (len(holders[n]), abs(n - center), rng.random()))
+        else:
+            order = self._walk(center)
+        return self._take(peer, order, need, isolated, cdn_free)
+
+    def _walk(self, center: int) -> Iterator[int]:
+        """Every ready piece, rarest first, then nearest to ``center`` (lazily: a pull needs the first few)."""
+        for bucket in self.buckets.values():
+            yield from self._nearest(bucket, center)
+
+    def _take(self, peer: Peer, order: Iterable[int], need: int, isolated: bool, cdn_free: bool) -> list[tuple[int, str]]:
+        """Start up to ``need`` of the pieces in ``order`` that have a source now, trying at most the scan budget."""
         chosen: list[tuple[int, str]] = []
         budget = self.policy.scan_budget
-        for held_by, bucket in self.buckets.items():
-            if (held_by == 0 or isolated) and not cdn_free:
+        for piece in order:
+            if piece in peer.have or piece in peer.running:
+                continue  # cheap, and not a candidate: does not count against the budget
+            if not cdn_free and (isolated or piece not in self.available):
                 if isolated:
                     break
-                continue  # nobody but the CDN has these, and it is busy
-            for piece in self._nearest(bucket, center):
-                if piece in peer.have or piece in peer.running:
-                    continue  # cheap, and not a candidate: does not count against the budget
-                budget -= 1
-                if budget < 0:
-                    return chosen
-                source = self._source_for(peer, piece, isolated)
-                if source is None:
-                    continue
-                self._start(peer, piece, source)
-                chosen.append((piece, source))
-                if len(chosen) == need:
-                    return chosen
-                cdn_free = self.cdn_free()
-                if (held_by == 0 or isolated) and not cdn_free:
-                    break
+                continue  # nobody but the busy CDN could send it
+            budget -= 1
+            if budget < 0:
+                break
+            source = self._source_for(peer, piece, isolated)
+            if source is None:
+                continue
+            self._start(peer, piece, source)
+            chosen.append((piece, source))
+            if len(chosen) == need:
+                break
+            cdn_free = self.cdn_free()
         return chosen
-
-    def _lacks_available(self, peer: Peer) -> bool:
-        """Whether some piece with a free holder is one ``peer`` neither has nor runs."""
-        lacking = self.available - peer.have
-        return bool(lacking) and not lacking.issubset(peer.running.keys())
 
     def assign_from(self, cid: str, source: str) -> tuple[int, str] | None:
         """One piece peer ``source`` can give ``cid`` right now, rarest then nearest; marks it running.

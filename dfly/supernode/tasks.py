@@ -48,7 +48,7 @@ from dfly.supernode.diskgc import DiskQuota
 from dfly.supernode.fetch import CdnFetch, FetchEnv
 from dfly.supernode.liveness import PeerLiveness
 from dfly.supernode.policy import SchedulerPolicy
-from dfly.supernode.pullqueue import REEVALUATE, WAIT_NOW, PullCounters, PullQueue
+from dfly.supernode.pullqueue import REEVALUATE, WAIT_NOW, Assignment, PullCounters, PullQueue
 from dfly.supernode.scheduler import Peer, TaskSchedule
 
 log = Logger(namespace="dfly.supernode")
@@ -59,6 +59,9 @@ _DEFAULT_POLICY = SchedulerPolicy()
 #: Kept as names for the tests and docs: the policy's defaults.
 SILENCE = _DEFAULT_POLICY.silence
 HUNG_UP_GRACE = _DEFAULT_POLICY.hung_up_grace
+#: The longest a pull may ask to be held (its ``wait``): a proxy or NAT on
+#: the way may cut a connection idle for longer.
+MAX_POLL_WAIT = 60.0
 
 
 @attrs.frozen
@@ -527,44 +530,72 @@ class TaskManager:
             raise ApiError(404, codes.TARGET_NOT_FOUND, f"cid {cid!r} is not registered for task {task_id}")
         return task, peer
 
-    def pull(self, task_id: str, cid: str, cdn_ip: str, cdn_port: int) -> Deferred[tuple[int, Any]]:
-        """Next pieces for ``cid``: (601, pieces), (600, summary) or (602, None)."""
-        return Deferred.fromCoroutine(self._pull(task_id, cid, cdn_ip, cdn_port))
+    def pull(
+        self, task_id: str, cid: str, cdn_ip: str, cdn_port: int, wait: float | None = None
+    ) -> tuple[int, Any] | Deferred[tuple[int, Any]]:
+        """Next pieces for ``cid``: (601, pieces), (600, summary) or (602, None).
 
-    async def _pull(self, task_id: str, cid: str, cdn_ip: str, cdn_port: int) -> tuple[int, Any]:
+        Answered at once when there is something to say (most pulls: no
+        coroutine, no Deferred); otherwise a Deferred, the pull held until an
+        event gives it work or ``wait`` seconds pass (the client's own
+        budget, at most `MAX_POLL_WAIT`; ``--poll-timeout`` for a client that
+        does not say).
+        """
         task, peer = self.progress(task_id, cid)
-        deadline = self.clock.seconds() + self.poll_timeout
-        peer.pulls += 1
+        hold = self.poll_timeout if wait is None else min(max(wait, 0.0), MAX_POLL_WAIT)
         peer.hung_up = False
-        self.liveness.forget((task_id, cid))  # a held pull is a live peer
+        self.liveness.forget((task_id, cid))  # a pull is a live peer
+        try:
+            answer = self._answer(task, peer, cdn_ip, cdn_port)
+        except ApiError:
+            self._pull_ended(task, peer)
+            raise
+        if answer is None and hold > 0:
+            return Deferred.fromCoroutine(self._held(task, peer, cdn_ip, cdn_port, self.clock.seconds() + hold))
+        self._pull_ended(task, peer)
+        return answer or (codes.PEER_WAIT, None)
+
+    def _answer(self, task: Task, peer: Peer, cdn_ip: str, cdn_port: int) -> tuple[int, Any] | None:
+        """What a pull of ``peer`` gets now; None: nothing yet (hold it)."""
+        if task.state == FetchState.FAILED:
+            raise ApiError(502, codes.SOURCE_ERROR, task.error)
+        if task.peers.get(peer.cid) is not peer:
+            raise ApiError(404, codes.TARGET_NOT_FOUND, f"cid {peer.cid!r} was dropped from task {task.task_id}")
+        self.counters.assign_calls += 1
+        chosen = task.schedule.assign(peer.cid)
+        if chosen:
+            return codes.PEER_CONTINUE, self.piece_infos(task, chosen, cdn_ip, cdn_port)
+        if self._complete(task, peer):
+            peer.finished = True
+            return codes.PEER_FINISH, {
+                "fileLength": task.length,
+                "pieceSize": task.piece_size,
+                "pieceCount": task.total_pieces,
+            }
+        return None
+
+    @staticmethod
+    def _complete(task: Task, peer: Peer) -> bool:
+        return task.state == FetchState.DONE and len(peer.have) >= (task.total_pieces or 0)
+
+    async def _held(self, task: Task, peer: Peer, cdn_ip: str, cdn_port: int, deadline: float) -> tuple[int, Any]:
+        peer.pulls += 1
         try:
             while True:
-                if task.state == FetchState.FAILED:
-                    raise ApiError(502, codes.SOURCE_ERROR, task.error)
-                if task.peers.get(cid) is not peer:
-                    raise ApiError(404, codes.TARGET_NOT_FOUND, f"cid {cid!r} was dropped from task {task_id}")
-                self.counters.assign_calls += 1
-                chosen = task.schedule.assign(cid)
-                if chosen:
-                    return codes.PEER_CONTINUE, [self._piece_info(task, n, src, cdn_ip, cdn_port) for n, src in chosen]
-                if task.state == FetchState.DONE and len(peer.have) >= (task.total_pieces or 0):
-                    peer.finished = True
-                    return codes.PEER_FINISH, {
-                        "fileLength": task.length,
-                        "pieceSize": task.piece_size,
-                        "pieceCount": task.total_pieces,
-                    }
                 remaining = deadline - self.clock.seconds()
                 if remaining <= 0:
                     return codes.PEER_WAIT, None
                 try:
-                    woken = await task.queue.hold(cid).addTimeout(remaining, self.clock)
+                    woken = await task.queue.hold(peer.cid).addTimeout(remaining, self.clock)
                 except TimeoutError:
                     return codes.PEER_WAIT, None
                 if woken is WAIT_NOW:
                     return codes.PEER_WAIT, None
                 if woken is not REEVALUATE:
-                    return codes.PEER_CONTINUE, [self._piece_info(task, n, src, cdn_ip, cdn_port) for n, src in woken]
+                    return codes.PEER_CONTINUE, self.piece_infos(task, woken, cdn_ip, cdn_port)
+                answer = self._answer(task, peer, cdn_ip, cdn_port)
+                if answer is not None:
+                    return answer
         except CancelledError:
             # The peer closed a held pull: a live peer never does, a killed one
             # does at once (its kernel closes the socket).
@@ -572,9 +603,16 @@ class TaskManager:
             raise
         finally:
             peer.pulls -= 1
-            peer.seen = self.clock.seconds()
-            if task.peers.get(cid) is peer:
-                self._heard(task, peer)
+            self._pull_ended(task, peer)
+
+    def _pull_ended(self, task: Task, peer: Peer) -> None:
+        peer.seen = self.clock.seconds()
+        if task.peers.get(peer.cid) is peer:
+            self._heard(task, peer)
+
+    def piece_infos(self, task: Task, chosen: Assignment, cdn_ip: str, cdn_port: int) -> list[dict[str, Any]]:
+        """The 601 items for an assignment: where each piece is and how to check it."""
+        return [self._piece_info(task, n, src, cdn_ip, cdn_port) for n, src in chosen]
 
     def _piece_info(self, task: Task, n: int, source: str, cdn_ip: str, cdn_port: int) -> dict[str, Any]:
         # While the length is unknown, every ready piece but the last is full;
@@ -596,12 +634,18 @@ class TaskManager:
                         path=f"{peer_path(task.task_id)}?k={task.key}")
         return info
 
-    def piece_result(self, task_id: str, cid: str, piece: int, success: bool, kind: str = "") -> None:
+    def piece_result(
+        self, task_id: str, cid: str, piece: int, success: bool, kind: str = "", take_next: bool = False
+    ) -> Assignment:
         """A verified piece makes ``cid`` a holder; a failure blames its source.
 
-        Either way a slot of ``cid`` and one of its source are free: wake
-        ``cid``'s own parked pull and hand the freed source slot (and, on
-        success, the new holder's spare uploads) to the first hungry pulls.
+        Either way a slot of ``cid`` and one of its source are free.  With
+        ``take_next`` (dfly's peers) ``cid``'s next pieces are assigned here
+        and returned, for the report's own answer, and its held pull stays
+        held: one request per report, however many pieces a peer runs.
+        Without it (Dragonfly's clients) ``cid``'s held pull is woken with
+        them.  Then the freed source slot (and, on success, the new holder's
+        spare uploads) go to the first hungry pulls.
         """
         task, peer = self.progress(task_id, cid)
         self.reports += 1
@@ -614,14 +658,24 @@ class TaskManager:
                 raise ApiError(400, codes.PARAM_ERROR, f"piece {piece} was not assigned to {cid}")
         else:
             task.schedule.failed(cid, piece, kind)
-        if source is not None:
+        chosen: Assignment = []
+        if take_next:
+            self.counters.assign_calls += 1
+            chosen = task.schedule.assign(cid)
+            if chosen or not self._complete(task, peer):
+                task.queue.settle(cid)
+            else:
+                task.queue.slot_freed(cid)  # it has every piece: its held pull answers 600
+        elif source is not None:
             task.queue.slot_freed(cid)
+        if source is not None:
             # The new holder first: an offer from the CDN runs a full assign,
             # which prefers free peers, so offered first it would spend the
             # CDN's chance on the reporter's new piece and leave the CDN idle.
             if success:
                 task.queue.offer(task.schedule.spare_uploads(cid), cid)
             task.queue.offer(1, source)
+        return chosen
 
     def service_down(self, task_id: str, cid: str) -> None:
         task, _ = self.progress(task_id, cid)
