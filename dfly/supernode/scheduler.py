@@ -29,7 +29,7 @@ ran.
 from __future__ import annotations
 
 import random
-from typing import Generic, Hashable, Iterable, Iterator, TypeVar
+from typing import Any, Container, Generic, Hashable, Iterable, Iterator, Mapping, TypeVar
 
 import attrs
 from sortedcontainers import SortedDict, SortedList
@@ -95,14 +95,45 @@ class IndexedSet(Generic[K]):
     def __iter__(self) -> Iterator[K]:
         return iter(self._items)
 
-    def rotation(self, rng: random.Random) -> Iterator[K]:
-        """Every item once, starting at a random one (the set must not change meanwhile)."""
-        n = len(self._items)
-        if not n:
-            return
-        start = rng.randrange(n)
-        for i in range(n):
-            yield self._items[(start + i) % n]
+    def pick(self, rng: random.Random, not_this: K, nor_these: Container[K]) -> K | None:
+        """A random item, neither ``not_this`` nor in ``nor_these``: from a random start, the first that is not."""
+        items = self._items
+        n = len(items)
+        i = int(rng.random() * n)
+        for _ in range(n):
+            item = items[i]
+            if item != not_this and item not in nor_these:
+                return item
+            i = i + 1 if i + 1 < n else 0
+        return None
+
+    @staticmethod
+    def add_to_each(sets: Mapping[Any, "IndexedSet[K]"], keys: Iterable[Any], item: K) -> None:
+        """``sets[key].add(item)`` for every key, in one loop (a source's slot freed: all its pieces)."""
+        for key in keys:
+            s = sets[key]
+            pos = s._pos
+            if item not in pos:
+                pos[item] = len(s._items)
+                s._items.append(item)
+
+    @staticmethod
+    def discard_from_each(sets: Mapping[Any, "IndexedSet[K]"], keys: Iterable[Any], item: K) -> list[Any]:
+        """``sets[key].discard(item)`` for every key, in one loop; returns the keys whose set is now empty."""
+        emptied = []
+        for key in keys:
+            s = sets[key]
+            i = s._pos.pop(item, None)
+            if i is None:
+                continue
+            items = s._items
+            last = items.pop()
+            if i < len(items):
+                items[i] = last
+                s._pos[last] = i
+            elif not items:
+                emptied.append(key)
+        return emptied
 
 
 @attrs.define(eq=False)
@@ -314,9 +345,9 @@ class TaskSchedule:
             if free:
                 # Every member has a free slot: the first one not excluded
                 # wins, so this costs at most 1 + len(blacklist) probes.
-                for cid in free.rotation(self.rng):
-                    if cid != peer.cid and cid not in peer.blacklist:
-                        return cid
+                cid = free.pick(self.rng, peer.cid, peer.blacklist)
+                if cid is not None:
+                    return cid
         # The CDN sends a piece to one peer at a time: the others get it from
         # that peer once it is verified, so the CDN sends each piece about once.
         if piece < self.ready and self.cdn_free() and piece not in self.cdn_pieces:
@@ -332,9 +363,8 @@ class TaskSchedule:
         else:
             src = self.peers[source]
             src.uploads += 1
-            if src.uploads == self.policy.max_uploads:
-                for held in src.have:
-                    self._free_discard(held, source)
+            if src.uploads == self.policy.max_uploads:  # full now: out of its pieces' free views
+                self.available.difference_update(IndexedSet.discard_from_each(self.free_holders, src.have, source))
 
     # --- reports ------------------------------------------------------------------
 
@@ -393,9 +423,9 @@ class TaskSchedule:
         if peer.uploads <= 0:
             return
         peer.uploads -= 1
-        if peer.uploads == self.policy.max_uploads - 1 and peer.can_serve:
-            for held in peer.have:
-                self._free_add(held, source)
+        if peer.uploads == self.policy.max_uploads - 1 and peer.can_serve:  # a slot again: back in
+            IndexedSet.add_to_each(self.free_holders, peer.have, source)
+            self.available.update(peer.have)
 
     # --- holder buckets -------------------------------------------------------------
 
