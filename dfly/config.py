@@ -174,6 +174,8 @@ def _read_yaml(path: str, required: bool) -> Mapping[str, Any]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot read config file {path}: {reason}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ValueError(f"cannot read config file {path}: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -10,13 +10,17 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
+import treq
 from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.internet.defer import Deferred, fail
+from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
+
+from dfly.source import abort_body
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -94,3 +98,29 @@ class _UnverifiedCreator:
         except ValueError:
             connection.set_tlsext_host_name(self._hostname)  # SNI carries names, never IP literals
         return connection
+
+
+class BodyTooLarge(Exception):
+    """A response body passed the reader's limit; its connection was closed."""
+
+
+def read_limited(response: IResponse, limit: int) -> Deferred[bytes]:
+    """The whole body, or a `BodyTooLarge` failure as soon as more than ``limit`` bytes arrive.
+
+    For answers that are small by contract (the supernode's JSON): a broken
+    or hostile server must not make us buffer without bound.
+    """
+    if response.length is not UNKNOWN_LENGTH and response.length > limit:
+        abort_body(response)
+        return fail(BodyTooLarge(f"declared {response.length} bytes, more than {limit}"))
+    chunks: list[bytes] = []
+    size = 0
+
+    def got(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise BodyTooLarge(f"more than {limit} bytes")
+        chunks.append(data)
+
+    return treq.collect(response, got).addCallback(lambda _: b"".join(chunks))

@@ -36,7 +36,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from dfly import codes
 from dfly.config import DfdaemonFileConfig, Home
-from dfly.httpclient import make_http_client
+from dfly.httpclient import BodyTooLarge, make_http_client, read_limited
 from dfly.jsonapi import MAX_DEPTH, parse_json
 from dfly.peer import cli
 from dfly.peer.engine import PeerEngine
@@ -400,6 +400,70 @@ class NestedSupernodeAnswerTests(SynchronousTestCase):
         result = self.successResultOf(d)
         self.assertEqual((result.success, result.reason),
                          (False, codes.REASON_REGISTER_FAILED + codes.REASON_NO_BACK_SOURCE))
+
+
+class EndlessAnswers(Resource):
+    """A hostile supernode: every answer is 2 MiB of JSON whitespace, with or without a Content-Length."""
+
+    isLeaf = True
+
+    def __init__(self, declared: bool) -> None:
+        super().__init__()
+        self.declared = declared
+
+    def render(self, request: Any) -> Any:
+        request.setHeader(b"content-type", b"application/json")
+        chunk = b" " * 65536
+        if self.declared:
+            request.setHeader(b"content-length", b"%d" % (32 * len(chunk)))
+        for _ in range(32):
+            request.write(chunk)
+        request.finish()
+        return NOT_DONE_YET
+
+
+class HugeSupernodeAnswerTests(SynchronousTestCase):
+    """The engine reads at most MAX_ANSWER bytes of a supernode's answer."""
+
+    def download(self, declared: bool) -> Any:
+        clock = Clock()
+        stub = StubTreq(EndlessAnswers(declared))
+        home = Home(self.mktemp()).ensure()
+        engine = PeerEngine(clock, stub, home, ip="127.0.0.1", run_blocking=run_inline)
+        req = DownloadRequest(url="http://origin.test/f", output=os.path.abspath(self.mktemp()), sign="1-1.000",
+                              nodes=(("supernode.test", 8002),), back_source=False)
+        d = engine.download(req)
+        stub.flush()
+        return self.successResultOf(d)
+
+    def test_declared_huge_answer_is_a_failed_registration(self) -> None:
+        result = self.download(declared=True)
+        self.assertEqual((result.success, result.reason),
+                         (False, codes.REASON_REGISTER_FAILED + codes.REASON_NO_BACK_SOURCE))
+        self.assertIn("too large", result.error)
+
+    def test_undeclared_huge_answer_is_a_failed_registration(self) -> None:
+        result = self.download(declared=False)
+        self.assertFalse(result.success)
+        self.assertIn("too large", result.error)
+
+
+class ReadLimitedTests(SynchronousTestCase):
+    def fetch(self, declared: bool, limit: int) -> Any:
+        stub = StubTreq(EndlessAnswers(declared))
+        response = self.successResultOf(stub.get("http://x.test/"))
+        d = read_limited(response, limit)
+        stub.flush()
+        return d
+
+    def test_body_within_the_limit_is_returned_whole(self) -> None:
+        self.assertEqual(len(self.successResultOf(self.fetch(True, 2 * 1024 * 1024))), 2 * 1024 * 1024)
+
+    def test_declared_length_over_the_limit_fails_before_reading(self) -> None:
+        self.failureResultOf(self.fetch(True, 1000), BodyTooLarge)
+
+    def test_undeclared_body_over_the_limit_fails(self) -> None:
+        self.failureResultOf(self.fetch(False, 100_000), BodyTooLarge)
 
 
 class _NestedDaemon(http.server.BaseHTTPRequestHandler):

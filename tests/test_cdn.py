@@ -137,6 +137,13 @@ class CdnCacheTests(CacheTestCase):
         self.write_meta_text('{"version": 1, "taskId": ')
         self.assertIsNone(self.cache.load_meta(TID))
 
+    def test_load_meta_is_none_for_deeply_nested_json(self) -> None:
+        """A meta of ``[[[[...`` (json.load raises RecursionError) is no cache hit, and no crash."""
+        self.write_data()
+        self.write_meta_text("[" * 100_000)
+        self.assertIsNone(self.cache.load_meta(TID))
+        self.assertIsNone(self.cache.load_partial(TID))
+
     def test_load_meta_is_none_for_non_utf8_bytes(self) -> None:
         """A meta of binary garbage is no cache hit."""
         self.write_data()

@@ -325,6 +325,11 @@ class LoadDfgetConfigTests(_YamlFiles):
         error = self.assertRaises(ValueError, load_dfget_config, self.write("nodes: 5\n"))
         self.assertIn("'nodes'", str(error))
 
+    def test_deeply_nested_yaml_is_a_one_line_error(self) -> None:
+        """PyYAML recurses per nesting level: ``[[[[...`` must be a ValueError, not a RecursionError."""
+        error = self.assertRaises(ValueError, load_supernode_config, self.write("port: " + "[" * 20_000 + "\n"))
+        self.assertIn("nested too deeply", str(error))
+
     def test_malformed_yaml_is_rejected(self) -> None:
         """A YAML syntax error is a one-line ValueError naming the file."""
         path = self.write("nodes: [a, b\n")

@@ -25,6 +25,7 @@ from twisted.web.server import Site
 
 from dfly import codes
 from dfly.config import Home
+from dfly.peer.hostmeta import read_host_meta
 from dfly.peer.engine import PeerEngine
 from dfly.peer.localapi import LocalApi
 from dfly.peer.options import PeerConfig
@@ -192,6 +193,13 @@ class HostMetaTests(SynchronousTestCase):
         """host.meta names this process, so only it removes the file."""
         parts, idle = built(self)
         self.assertEqual(read_meta(parts.daemon.home.root)["pid"], os.getpid())
+
+    def test_deeply_nested_host_meta_is_no_daemon(self) -> None:
+        """A host.meta of ``[[[[...`` reads as none (dfget starts a daemon), not a RecursionError."""
+        home = Home(self.mktemp()).ensure()
+        with open(home.host_meta, "w") as f:
+            f.write("[" * 100_000)
+        self.assertIsNone(read_host_meta(home))
 
     def test_host_meta_is_owner_only(self) -> None:
         """host.meta is mode 0600: the token is for the owner alone."""

@@ -29,6 +29,7 @@ from twisted.web.http_headers import Headers
 import dfly
 from dfly import codes
 from dfly.config import Home, format_node
+from dfly.httpclient import BodyTooLarge, read_limited
 from dfly.jsonapi import parse_json
 from dfly.logs import CLIENT_NAMESPACE
 from dfly.pieces import DEFAULT_PIECE_SIZE, file_digest, parse_range
@@ -44,6 +45,8 @@ log = Logger(namespace=CLIENT_NAMESPACE)
 
 #: Piece failures one download tolerates before it gives up on P2P.
 MAX_PIECE_FAILURES = 8
+#: The largest supernode answer read (a 601 with a few pieces is ~2 KiB).
+MAX_ANSWER = 1024 * 1024
 #: Without --timeout and before the length is known, a download gets this long.
 DEFAULT_TIMEOUT = 300.0
 
@@ -341,7 +344,11 @@ class PeerEngine:
             kwargs["data"] = json.dumps(body).encode()
             kwargs["headers"] = {"Content-Type": "application/json"}
         response = await self.http.request(method, url.to_text(), **kwargs)
-        raw = await response.content()
+        try:
+            raw = await read_limited(response, MAX_ANSWER)
+        except BodyTooLarge as e:
+            raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, f"supernode {format_node(node)} answered {response.code} "
+                                                          f"with a body too large for an API answer ({e})") from None
         try:
             answer = parse_json(raw)
             if not isinstance(answer, dict) or not isinstance(answer.get("code"), int):

@@ -30,7 +30,7 @@ def read_host_meta(home: Home) -> dict[str, Any] | None:
     try:
         with open(home.host_meta) as f:
             meta = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: ``[[[[...``
         return None
     if not isinstance(meta, dict) or not isinstance(meta.get("servicePort"), int) or not meta.get("token"):
         return None

@@ -137,7 +137,7 @@ class CdnCache:
             with open(self.meta_path(task_id), encoding="utf-8") as f:
                 meta = CacheMeta.from_json(json.load(f))
             size = os.path.getsize(self.data_path(task_id))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: ``[[[[...``
             return None
         if meta.task_id != task_id or meta.state != FetchState.DONE or size != meta.length:
             return None
@@ -155,7 +155,7 @@ class CdnCache:
         try:
             with open(self.meta_path(task_id), encoding="utf-8") as f:
                 meta = CacheMeta.from_json(json.load(f))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: ``[[[[...``
             return None
         if meta.task_id != task_id or meta.state != FetchState.FETCHING or meta.length <= 0:
             return None
