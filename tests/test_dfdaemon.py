@@ -34,6 +34,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
@@ -987,6 +988,44 @@ class ProxyModeTests(DfdaemonTestCase):
         self.assertEqual(response.headers.getRawHeaders(b"x-served-by"), [b"registry"])
         self.assertEqual([hit.uri for hit in self.registry.hits], [b"/other/x.txt?q=1"])
         self.assertEqual(daemon.engine.requests, [])
+
+    def all_log_text(self) -> list[str]:
+        """Every log line from now on, formatted (for "the password never shows")."""
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return lines
+
+    async def test_url_credentials_become_basic_authorization(self) -> None:
+        """``http://user:secret@host/...`` through the proxy: the origin gets a Basic header and a clean path,
+        and no log line shows the password."""
+        lines = self.all_log_text()
+        self.registry.files[b"/other/x.txt"] = b"other"
+        daemon, proxy = await self.start_proxy()
+        url = self.registry_url.replace("http://", "http://user:s3cret@") + "/other/x.txt"
+        response, body = await self.get(url, agent=proxy)
+        self.assertEqual((response.code, body), (200, b"other"))
+        [hit] = self.registry.hits
+        self.assertEqual(hit.uri, b"/other/x.txt")
+        self.assertEqual(hit.headers.getRawHeaders(b"authorization"), [b"Basic " + base64.b64encode(b"user:s3cret")])
+        self.assertTrue(lines)
+        self.assertFalse([line for line in lines if "s3cret" in line])
+
+    async def test_url_credentials_never_show_in_an_error_answer(self) -> None:
+        """A proxied URL that cannot be reached: the 502 and its log line name the host, not the password."""
+        lines = self.all_log_text()
+        daemon, proxy = await self.start_proxy()
+        port: Any = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        closed = port.getHost().port
+        await port.stopListening()
+        response, body = await self.get(f"http://user:s3cret@127.0.0.1:{closed}/x", agent=proxy)
+        self.assertEqual(response.code, 502)
+        self.assertNotIn(b"s3cret", body)
+        self.assertFalse([line for line in lines if "s3cret" in line])
 
     async def test_p2p_rule_forwards_other_methods(self) -> None:
         """A POST to a p2p URL is forwarded with its body, not downloaded."""

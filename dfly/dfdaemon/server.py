@@ -43,6 +43,7 @@ from dfly.dfdaemon.ca import CertificateAuthority
 from dfly.dfdaemon.forward import fail, forward
 from dfly.dfdaemon.tunnel import open_tunnel, parse_connect_target, take_over
 from dfly.peer.engine import PeerEngine
+from dfly.urls import redact_userinfo, split_userinfo
 
 log = Logger(namespace="dfly.dfdaemon")
 
@@ -76,7 +77,7 @@ class Dfdaemon:
         if upstream is not None:  # decrypted from a hijacked CONNECT
             await self.proxy(request, upstream + uri, agent or self.agent)
         elif absolute:
-            await self.proxy(request, uri, self.agent)
+            await self.proxy(request, _credentials_to_header(request, uri), self.agent)
         elif uri.split("?", 1)[0] == "/_ping":
             self.ping(request)
         else:
@@ -135,6 +136,19 @@ class Dfdaemon:
         return None
 
 
+def _credentials_to_header(request: IRequest, url: str) -> str:
+    """``url`` without ``user:password@``, which becomes the request's Basic ``Authorization`` (unless it has one).
+
+    So the credentials reach the origin as a client meant them, and never
+    appear in an answer, a log line or the task's URL on the supernode.
+    """
+    stripped, extra = split_userinfo(url)
+    for name, value in extra.items():
+        if not request.requestHeaders.hasHeader(name.encode()):
+            request.requestHeaders.setRawHeaders(name.encode(), [value.encode()])
+    return stripped
+
+
 def _check_target(uri: str, absolute: bool) -> None:
     """An absolute target must be a URL with a host; any other must be a path (``/...``)."""
     if not absolute:
@@ -145,9 +159,9 @@ def _check_target(uri: str, absolute: bool) -> None:
         parsed = urlsplit(uri)
         parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError as e:
-        raise ValueError(f"invalid URL {uri[:200]!r}: {e}") from None
+        raise ValueError(f"invalid URL {redact_userinfo(uri[:200])!r}: {e}") from None
     if not parsed.hostname:
-        raise ValueError(f"invalid URL {uri[:200]!r}: no host")
+        raise ValueError(f"invalid URL {redact_userinfo(uri[:200])!r}: no host")
 
 
 class DfdaemonRequest(server.Request):
@@ -161,7 +175,8 @@ class DfdaemonRequest(server.Request):
         d.addErrback(self._crashed)
 
     def _crashed(self, failure: Failure) -> None:
-        log.failure("dfdaemon: {method} {uri} failed", failure, method=self.method, uri=self.uri)
+        log.failure("dfdaemon: {method} {uri} failed", failure, method=self.method,
+                    uri=redact_userinfo(self.uri.decode("latin-1")))
         if not self.finished and self.channel is not None:
             fail(self, 500, f"dfdaemon: internal error: {failure.getErrorMessage()}")
 
@@ -200,7 +215,7 @@ class DfdaemonSite(server.Site):
 
     def log(self, request: IRequest) -> None:
         log.info('{method} {uri} {code} {length}', method=request.method.decode("latin-1"),
-                 uri=request.uri.decode("latin-1"), code=request.code, length=request.sentLength)
+                 uri=redact_userinfo(request.uri.decode("latin-1")), code=request.code, length=request.sentLength)
 
 
 class InterceptedSite(DfdaemonSite):
