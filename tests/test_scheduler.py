@@ -124,9 +124,23 @@ def consistency_errors(s: TaskSchedule) -> list[str]:
         usable = {p.cid for p in s.peers.values() if p.can_serve and piece in p.have}
         if len(holders) != len(set(holders)) or set(holders) != usable:
             errors.append(f"holders of {piece}: {list(holders)}, usable peers holding it: {sorted(usable)}")
+        # The free view is lazy: every holder with a free slot is in it; a
+        # member may have filled since; a holder out of it knows the piece.
         free = {cid for cid in usable if s.peers[cid].uploads < MAX_UPLOADS}
-        if set(s.free_holders[piece]) != free or len(s.free_holders[piece]) != len(free):
-            errors.append(f"free holders of {piece}: {list(s.free_holders[piece])}, holders with a free slot: {sorted(free)}")
+        view = s.free_holders[piece]
+        if not free <= set(view) or not set(view) <= usable or len(view) != len(set(view)):
+            errors.append(f"free view of {piece}: {list(view)}, holders with a free slot: {sorted(free)}")
+        for cid in usable - set(view):
+            if piece not in s.peers[cid].evicted:
+                errors.append(f"{cid} holds {piece}, is out of its free view, and would never return to it")
+    for peer in s.peers.values():
+        if len(peer.evicted) != len(set(peer.evicted)):
+            errors.append(f"{peer.cid} was evicted twice from one view: {peer.evicted}")
+        if peer.evicted and peer.uploads < MAX_UPLOADS:
+            errors.append(f"{peer.cid} has a free slot but is still out of the views of {peer.evicted}")
+        for piece in peer.evicted:
+            if piece not in peer.have or peer.cid in s.free_holders[piece]:
+                errors.append(f"{peer.cid} evicted from {piece}, but it {'is in its view' if piece in peer.have else 'does not hold it'}")
     available = {n for n in range(s.ready) if len(s.free_holders[n])}
     if s.available != available:
         errors.append(f"available {sorted(s.available)}, pieces with a free holder {sorted(available)}")
