@@ -20,17 +20,24 @@ at most a constant number of pulls:
 
 A woken pull gets its pieces already assigned (no second round trip through
 the scheduler), ``REEVALUATE`` when the task changed as a whole (fetch ended,
-peer dropped) so the pull loop looks again, or ``WAIT_NOW`` when a newer pull
-of the same cid took its place.
+peer dropped) so the pull loop looks again, ``WAIT_NOW`` when a newer pull
+of the same cid took its place, or ``TIMED_OUT`` when its wait passed.
+
+Those waits are kept by one `Deadlines` for the whole supernode (a heap
+and a single timer), not a DelayedCall and a timeout chain per held pull:
+at 10,000 peers every peer holds one, and each gives up every 30 s.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import OrderedDict
 from typing import Union
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from dfly.supernode.scheduler import TaskSchedule
 
@@ -49,6 +56,8 @@ class _Signal:
 REEVALUATE = _Signal("REEVALUATE")
 #: A newer pull of the same cid replaced this one: answer "wait" at once.
 WAIT_NOW = _Signal("WAIT_NOW")
+#: The pull's wait passed with nothing for it: answer "wait".
+TIMED_OUT = _Signal("TIMED_OUT")
 
 Woken = Union[Assignment, _Signal]
 
@@ -144,6 +153,14 @@ class PullQueue:
             else:
                 self._hungry.move_to_end(cid)
 
+    def expire(self, cid: str, d: Deferred[Woken]) -> None:
+        """``d``'s wait passed: if it is still ``cid``'s held pull, let it go with ``TIMED_OUT``."""
+        for table in (self._parked, self._hungry):
+            if table.get(cid) is d:
+                del table[cid]
+                d.callback(TIMED_OUT)
+                return
+
     def drop(self, cid: str, why: _Signal = REEVALUATE) -> None:
         """Let go of ``cid``'s held pull, if any (the peer left, or pulled again)."""
         d = self._parked.pop(cid, None) or self._hungry.pop(cid, None)
@@ -170,3 +187,47 @@ class PullQueue:
         for table in (self._parked, self._hungry):
             if table.get(cid) is d:
                 del table[cid]
+
+
+class Deadlines:
+    """When held pulls give up: a heap of (deadline, pull) and one timer for its earliest.
+
+    A pull woken before its deadline stays in the heap until then and is
+    skipped (its Deferred has fired): O(log n) per hold, nothing per wake.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._heap: list[tuple[float, int, PullQueue, str, Deferred[Woken]]] = []
+        self._seq = itertools.count()
+        self._call: IDelayedCall | None = None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, when: float, queue: PullQueue, cid: str, d: Deferred[Woken]) -> None:
+        """Expire ``cid``'s held pull ``d`` of ``queue`` at ``when`` unless it was woken first."""
+        heapq.heappush(self._heap, (when, next(self._seq), queue, cid, d))
+        delay = max(when - self.clock.seconds(), 0.0)
+        if self._call is None:
+            self._call = self.clock.callLater(delay, self._fire)
+        elif when < self._call.getTime():
+            self._call.reset(delay)
+
+    def _fire(self) -> None:
+        self._call = None
+        now = self.clock.seconds()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, queue, cid, d = heapq.heappop(heap)
+            if not d.called:
+                queue.expire(cid, d)
+        if heap and self._call is None:
+            self._call = self.clock.callLater(max(heap[0][0] - now, 0.0), self._fire)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._heap.clear()
+
