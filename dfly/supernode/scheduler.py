@@ -247,13 +247,20 @@ class TaskSchedule:
             return []
         center = sum(peer.running) // len(peer.running) if peer.running else peer.last_piece
         if len(lacking) <= SORT_LIMIT:
-            # Few candidates (most pulls): sort them by rarity, then distance;
+            # Few candidates (most pulls): order them by rarity, then distance;
             # the walk would step over every piece the peer has or cannot get.
-            # One int per piece; the left/right tie at equal distance goes to
-            # a side chosen at random for this pull.
-            holders, span, flip = self.holders, 2 * self.ready + 2, self.rng.random() < 0.5
-            order: Iterable[int] = [n for _, n in sorted(
-                [(len(holders[n]) * span + 2 * abs(n - center) + ((n < center) is flip), n) for n in lacking])]
+            # One int per piece, the piece in its low digits; the left/right
+            # tie at equal distance goes to a side chosen at random per pull.
+            holders, ready, flip = self.holders, self.ready, self.rng.random() < 0.5
+            span = 2 * ready + 2
+            keyed = [((len(holders[n]) * span + 2 * abs(n - center) + ((n < center) is flip)) * ready + n)
+                     for n in lacking]
+            if need == 1:  # a report's freed slot: the best one is enough, if it has a source
+                chosen = self._take(peer, (min(keyed) % ready,), 1, isolated, cdn_free)
+                if chosen:
+                    return chosen
+            keyed.sort()
+            order: Iterable[int] = [key % ready for key in keyed]
         else:
             order = self._walk(center)
         return self._take(peer, order, need, isolated, cdn_free)
