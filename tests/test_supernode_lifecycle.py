@@ -17,7 +17,14 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
 
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.web.client import HTTPConnectionPool
+
 from dfly.supernode.cdn import CdnCache, CdnFiles
+from dfly.config import SupernodeFileConfig
+from dfly.supernode.diskgc import DiskQuota
+from dfly.supernode.tap import _Supernode
 from dfly.supernode.policy import SchedulerPolicy
 from dfly.pieces import task_id
 from dfly.supernode.tasks import Limits, TaskManager, version_id
@@ -508,6 +515,54 @@ class FileSizeLimitTests(LifecycleTestCase):
 # --- resume after a restart ------------------------------------------------------------------------
 
 
+class StopWritesTheLastMetaTests(LifecycleTestCase):
+    """A stop waits for the last .meta of each cancelled fetch, and the disk pool stops only after it."""
+
+    def setUp(self) -> None:
+        self.disk = StepDisk()
+        self.options = {"disk": self.disk}
+        super().setUp()
+        self.data = payload(THREE)
+        self.origin.etags[b"/three"] = b'"e1"'
+        self.origin.streams[b"/three"] = THREE
+        self.tid = self.register_ok(f"{ORIGIN}/three")
+        self.origin.held[0].write(self.data[: P + 50])
+        self.pump()
+
+    def run_disk(self) -> None:
+        while self.disk.jobs:
+            self.disk.step()
+            self.pump()
+
+    def test_stop_fires_only_after_the_last_meta_is_written(self) -> None:
+        stopped = self.tasks.stop()
+        self.pump()
+        self.assertTrue(self.disk.jobs)  # the last meta is queued on the disk pool
+        self.assertNoResult(stopped)
+        self.run_disk()
+        self.successResultOf(stopped)
+        with open(self.cache.meta_path(self.tid), encoding="utf-8") as f:
+            meta = json.load(f)
+        self.assertEqual((meta["state"], meta["pieceDigests"]), ("fetching", [sha256(self.data[:P])]))
+
+    def test_supernode_service_stops_its_disk_pool_after_the_fetches(self) -> None:
+        disk_pool = RecordingService()
+        service = _Supernode(self.tasks, HTTPConnectionPool(self.clock, persistent=False), self.clock,
+                             SupernodeFileConfig(), disk_pool)
+        service.startService()
+        self.assertTrue(disk_pool.running)
+        done = service.stopService()
+        self.pump()
+        self.assertTrue(disk_pool.running)  # the last meta is not written yet
+        self.run_disk()
+        self.successResultOf(done)
+        self.assertFalse(disk_pool.running)
+
+
+class RecordingService(Service):
+    """Stands in for the disk pool: only whether it runs matters here."""
+
+
 class ResumeTests(LifecycleTestCase):
     """/three (ETag "e1") is cut off by a restart after its first piece and a bit of the second."""
 
@@ -621,6 +676,22 @@ class MissingCacheFileTests(LifecycleTestCase):
         self.assertEqual(self.download(tid, "peer-2"), self.digests(payload(TWO)))
 
 
+class StepDisk:
+    """A disk pool that runs its jobs one at a time, when the test says so."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, Deferred[Any]]] = []
+
+    def __call__(self, job: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((job, d))
+        return d
+
+    def step(self) -> None:
+        job, d = self.jobs.pop(0)
+        d.callback(job())
+
+
 class ReviewRegressionTests(LifecycleTestCase):
     """Bugs an independent review found in the first version of this code."""
 
@@ -663,6 +734,31 @@ class ReviewRegressionTests(LifecycleTestCase):
         self.assertEqual((refused.status, refused.json()["code"], list(self.tasks.tasks)), (500, 500, []))
         tid = self.register_ok(url, cid="peer-2")
         self.assertEqual((self.tasks.task(tid).state, self.origin.count(b"/three")), ("done", 2))
+
+    def test_registration_during_an_eviction_waits_for_it_and_fetches_anew(self) -> None:
+        """The quota chose an entry (reactor) and removes it later (disk pool): a registration in between
+        must not load the doomed files, but wait and fetch the source again."""
+        url = self.serve(b"/three", THREE)
+        tid = self.register_ok(url)
+        self.download(tid)
+        self.service_down(tid)
+        self.clock.advance(10.1)
+        self.tasks.sweep()  # left memory: its entry may be evicted
+        disk = StepDisk()
+        self.tasks.quota = DiskQuota(self.cache, limit=1, disk=disk)
+        self.tasks.quota.index.touch(tid, THREE)
+        self.tasks.quota.collect(self.tasks.in_use)
+        disk.step()  # how much to free: the entry is chosen; its removal waits on the disk pool
+        d = self.start("POST", "/peer/registry", json=registration(url, cid="peer-2"))
+        self.pump()
+        self.assertNoResult(d)  # waits for the removal instead of reading the doomed files
+        disk.step()  # the files are gone now
+        self.pump()
+        self.assertEqual(self.successResultOf(d).status, 200)
+        self.assertEqual((self.origin.count(b"/three"), self.download(tid, "peer-2")),
+                         (2, self.digests(payload(THREE))))
+        with open(self.cache.data_path(tid), "rb") as f:
+            self.assertEqual(f.read(), payload(THREE))
 
     def test_task_being_opened_is_in_use_for_the_disk_quota(self) -> None:
         """While a registration asks the source, its cache entry counts as in use (the quota keeps it)."""

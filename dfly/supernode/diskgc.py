@@ -98,6 +98,23 @@ class DiskQuota:
     evictions: int = 0
     evicted_bytes: int = 0
     _running: bool = False
+    #: Entries chosen for removal whose files the disk pool has not removed
+    #: yet, and who waits for that (`settled`).
+    _removing: set[str] = attrs.Factory(set)
+    _waiting: list[Deferred[None]] = attrs.Factory(list)
+
+    def settled(self, task_id: str) -> Deferred[None]:
+        """Fires once no removal of ``task_id``'s files is pending (at once when none is).
+
+        Whoever opens an entry's files waits for this first: an entry is
+        chosen on the reactor and removed on the disk pool, and a
+        registration in between must not find the files and lose them.
+        """
+        if task_id not in self._removing:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
 
     def start(self) -> Deferred[None]:
         """Fill the index from disk (off the reactor thread)."""
@@ -134,6 +151,14 @@ class DiskQuota:
                     freed += size
             for task_id, _ in chosen:
                 self.index.drop(task_id)
+                self._removing.add(task_id)
+
+            def removed(result: object) -> object:
+                self._removing.difference_update(task_id for task_id, _ in chosen)
+                waiting, self._waiting = self._waiting, []
+                for d in waiting:
+                    d.callback(None)
+                return result
 
             def remove() -> int:
                 for task_id, _ in chosen:
@@ -151,7 +176,7 @@ class DiskQuota:
                              need=need, freed=freed)
                 return freed
 
-            return self.disk(remove).addCallback(done)
+            return self.disk(remove).addBoth(removed).addCallback(done)
 
         def finished(result: object) -> object:
             self._running = False

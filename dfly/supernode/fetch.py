@@ -80,7 +80,7 @@ class CdnFetch:
     #: Fires (with None) when the fetch has ended and its file is closed.
     ended: Deferred[None] = attrs.Factory(Deferred)
     _writer: BodyWriter | None = None
-    _save_queued: bool = False
+    _save_queued: "Deferred[None] | None" = None  # fires when the queued, not yet started save is written
     _stopped: bool = False
     _disk_tail: Deferred[None] = attrs.Factory(lambda: succeed(None))
 
@@ -224,16 +224,22 @@ class CdnFetch:
 
     def _save_meta(self, env: FetchEnv) -> Deferred[None]:
         """Write the meta on the disk pool after what is queued; saves not yet started merge."""
-        if self._save_queued:
-            return succeed(None)  # the queued save will write the newest state
-        self._save_queued = True
+        if self._save_queued is not None:
+            # The queued save will write the newest state: wait for it, so
+            # whoever waits on this one (the fetch's end) waits for the disk.
+            merged: Deferred[None] = Deferred()
+            self._save_queued.addBoth(lambda result: (merged.callback(None), result)[1])
+            return merged
 
         def save() -> Callable[[], None]:
-            self._save_queued = False
+            self._save_queued = None
             meta = self.meta()  # taken on the reactor thread, when the write starts
             return lambda: env.cache.save_meta(meta)
 
-        return self._on_disk(env, save)
+        queued: Deferred[None] = Deferred()
+        self._save_queued = queued  # before _on_disk: it may start the save at once
+        self._on_disk(env, save).addBoth(lambda _: queued.callback(None))
+        return queued
 
     def _on_disk(self, env: FetchEnv, make: Callable[[], Callable[[], None]]) -> Deferred[None]:
         """Run disk work for this fetch in order (a removal never races a meta write)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -46,6 +47,8 @@ log = Logger(namespace="dfly.supernode")
 SWEEP_INTERVAL = 2.0
 #: How often the cache's disk quota is checked (also after every finished fetch).
 DISK_GC_INTERVAL = 30.0
+#: How long a stop waits for cancelled fetches to write their last .meta.
+STOP_TIMEOUT = 10.0
 
 
 class Options(usage.Options):
@@ -157,12 +160,20 @@ _MORE_FLAGS = (
 
 
 class _Supernode(Service):
-    """Owns the task state and the HTTP pool; sweeps silent peers; stops both cleanly."""
+    """Owns the task state, the HTTP pool and the disk pool; sweeps silent peers; stops them in order.
 
-    def __init__(self, tasks: TaskManager, pool: HTTPConnectionPool, clock: Any, config: SupernodeFileConfig) -> None:
+    The disk pool is started first and stopped last, after every cancelled
+    fetch wrote its last ``.meta`` (a sibling service would be stopped at
+    the same time, and the final writes of a resumable fetch lost).
+    """
+
+    def __init__(self, tasks: TaskManager, pool: HTTPConnectionPool, clock: Any, config: SupernodeFileConfig,
+                 disk: DiskPool) -> None:
         self.config = config
         self.tasks = tasks
         self.pool = pool
+        self.disk = disk
+        self.clock = clock
         self._sweep = LoopingCall(tasks.sweep)
         self._sweep.clock = clock
         self._disk_gc = LoopingCall(self._collect_disk)
@@ -175,6 +186,7 @@ class _Supernode(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.disk.startService()
         log.info(
             "bandwidth limits: source fetches {fetch}, CDN uploads {upload}",
             fetch=describe_limit(self.config.max_bandwidth), upload=describe_limit(self.config.max_upload_bandwidth),
@@ -192,8 +204,11 @@ class _Supernode(Service):
         for loop in (self._sweep, self._disk_gc):
             if loop.running:
                 loop.stop()
-        self.tasks.stop()
-        return self.pool.closeCachedConnections()
+        fetches = self.tasks.stop().addTimeout(STOP_TIMEOUT, self.clock).addErrback(
+            lambda f: log.warn("stopping: fetches still running after {t:g}s; their last pieces will be fetched "
+                               "again", t=STOP_TIMEOUT))
+        fetches.addBoth(lambda _: self.disk.stopService())
+        return gatherResults([fetches, self.pool.closeCachedConnections()])
 
 
 @attrs.frozen
@@ -235,8 +250,7 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     top = MultiService()
     log_file = open_log(os.path.join(config.home, "logs", "supernode.log"))
     LogObserverService(line_observer(log_file, str(os.getpid())), log_file.close).setServiceParent(top)
-    disk.setServiceParent(top)
-    _Supernode(tasks, pool, reactor, config).setServiceParent(top)
+    _Supernode(tasks, pool, reactor, config, disk).setServiceParent(top)
     api_listener = ListeningService(
         tcp_endpoint(reactor, config.port, config.listen), BoundedSite(api.resource(), access_log=config.access_log), "register API"
     )

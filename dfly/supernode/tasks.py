@@ -33,7 +33,7 @@ from typing import Any, Mapping, NoReturn
 
 import attrs
 import hyperlink
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -337,6 +337,8 @@ class TaskManager:
             ended: Deferred[Any] = Deferred()
             old.fetch.ended.addBoth(lambda r: (ended.callback(None), r)[1])
             await ended
+        if self.quota is not None:
+            await self.quota.settled(reg.task_id)  # the disk quota may be removing these very files
         stored = self.cache.load_meta(reg.task_id)
         if stored is not None and (stored.url, stored.md5, stored.identifier) != (reg.task_url, reg.md5, reg.identifier):
             stored = None
@@ -414,6 +416,8 @@ class TaskManager:
                 existing.revalidated_at = self.clock.seconds()
                 slot.release()
                 return existing
+            if self.quota is not None:
+                await self.quota.settled(new_id)
             stored = self.cache.load_meta(new_id)
             if stored is not None and stored.url == fetch.url and (stored.etag, stored.last_modified) == (
                     opened.etag, opened.last_modified) and opened.etag and not opened.etag.startswith("W/"):
@@ -791,12 +795,23 @@ class TaskManager:
     def held_pulls(self) -> int:
         return sum(len(task.queue) for task in self.tasks.values())
 
-    def stop(self) -> None:
-        """Cancel running fetches (their metas stay 'fetching': resumable, no cache hit)."""
+    def stop(self) -> Deferred[None]:
+        """Cancel running fetches (their metas stay 'fetching': resumable, no cache hit).
+
+        Fires when every cancelled fetch has ended, its file closed and its
+        last ``.meta`` written: the disk pool must not stop before that, or
+        the resumable state of the last pieces is lost.
+        """
+        ending: list[Deferred[None]] = []
         for task in list(self.tasks.values()):
+            if task.fetch.running:
+                done: Deferred[None] = Deferred()
+                task.fetch.ended.addBoth(lambda result, done=done: (done.callback(None), result)[1])
+                ending.append(done)
             task.fetch.cancel()
             task.queue.wake_all()
         self.deadlines.stop()
+        return gatherResults(ending).addCallback(lambda _: None)
 
 
 @attrs.define(eq=False)
