@@ -4,12 +4,15 @@
 
 For each peer count it builds one `TaskSchedule` with every piece ready at the
 CDN and a `PullQueue` over it, then replays a distribution as the supernode
-runs it: every peer pulls once (an ``assign``; a pull that gets nothing is
-held in the queue); each completed piece is a report (``succeeded``), whose
-events wake held pulls exactly as ``TaskManager.piece_result`` does
-(``slot_freed`` for the reporter, ``offer`` for the freed source slot and for
-the new holder's spare uploads); a woken pull gets its pieces at once, and a
-pull woken to look again pulls again.  Only the scheduler and the queue are
+runs it for dfly's peers: every peer pulls once (an ``assign``; a pull that
+gets nothing is held in the queue); each completed piece is a report
+(``succeeded``) with ``next=1``, handled exactly as
+``TaskManager.piece_result(take_next=True)`` does: the reporter's next
+pieces are assigned for the report's answer and its held pull is re-filed
+(``settle``; ``slot_freed`` when it has every piece), then ``offer`` for the
+new holder's spare uploads and for the freed source slot; a woken pull gets
+its pieces at once (and the peer pulls again), and a pull woken to look
+again pulls again.  Only the scheduler and the queue are
 timed: no HTTP, no clock, no I/O.
 
 Printed per row: reports per second, the median and p99 time of one report
@@ -50,11 +53,14 @@ def run(peers: int, pieces: int, reports: int, seed: int) -> dict[str, float]:
     timings: list[float] = []
     peak_held = 0
 
-    def started(cid: str, chosen: list[tuple[int, str]]) -> None:
+    def running(cid: str, chosen: list[tuple[int, str]]) -> None:
         # Transfers of different speeds finish in random order.
         for piece, _ in chosen:
             in_flight.insert(rng.randrange(len(in_flight) + 1), (cid, piece))
-        pull(cid)  # the engine keeps one pull outstanding: it pulls again at once
+
+    def started(cid: str, chosen: list[tuple[int, str]]) -> None:
+        running(cid, chosen)
+        pull(cid)  # a pull answered: the engine keeps one pull outstanding, it pulls again at once
 
     def pull(cid: str) -> None:
         queue.counters.assign_calls += 1
@@ -79,10 +85,16 @@ def run(peers: int, pieces: int, reports: int, seed: int) -> dict[str, float]:
         t0 = time.perf_counter()
         source = schedule.peers[cid].running[piece]
         schedule.succeeded(cid, piece)
-        queue.slot_freed(cid)
-        queue.offer(1, source)
+        queue.counters.assign_calls += 1
+        chosen = schedule.assign(cid)  # the report's own answer (next=1)
+        if chosen or len(schedule.peers[cid].have) < pieces:
+            queue.settle(cid)
+        else:
+            queue.slot_freed(cid)  # it has every piece: its held pull answers 600
         queue.offer(schedule.spare_uploads(cid), cid)
+        queue.offer(1, source)
         timings.append(time.perf_counter() - t0)
+        running(cid, chosen)  # the simulation's bookkeeping, not the supernode's: not timed
         peak_held = max(peak_held, len(queue))
     wakeups = queue.counters.wakeups - before[0]
     assigns = queue.counters.assign_calls - before[1]
