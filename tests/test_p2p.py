@@ -642,3 +642,110 @@ class PieceRetryTests(TestCase):
         result = await engine.download(req)
         self.assertEqual(good.gets, 1, f"piece 0 from the CDN was never fetched: {result.line()}")
         self.assertTrue(result.success, result.line())
+
+
+class _RangeServer(resource.Resource):
+    """Serves ``body`` by Range, as the CDN port does (206 with exactly the bytes asked for)."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+        self.ranges: list[str] = []
+
+    def render_GET(self, request: IRequest) -> bytes:
+        text = request.getHeader(b"range").decode().removeprefix("bytes=")
+        self.ranges.append(text)
+        start, end = (int(n) for n in text.split("-"))
+        request.setResponseCode(206)
+        request.setHeader(b"content-range", f"bytes {start}-{end}/{len(self.body)}".encode())
+        return self.body[start : end + 1]
+
+
+class _NextSupernode(resource.Resource):
+    """Hands out piece 0 in the first pull and piece 1 only in the answer to piece 0's ``next=1`` report.
+
+    The second pull is held until the last report, then answered 600: a
+    peer that only pulled (never read its reports' answers) would never get
+    piece 1 and would fail.
+    """
+
+    isLeaf = True
+
+    def __init__(self, body: bytes, piece_size: int, cdn_port: int) -> None:
+        super().__init__()
+        self.body, self.piece_size, self.cdn_port = body, piece_size, cdn_port
+        self.pulls: list[dict[str, str]] = []
+        self.reports: list[dict[str, str]] = []
+        self.held: IRequest | None = None
+
+    def _answer(self, request: IRequest, code: int, data: Any = None) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"code": code, "msg": "", **({"data": data} if data is not None else {})}).encode()
+
+    def _piece(self, n: int) -> dict[str, Any]:
+        start = n * self.piece_size
+        end = min(start + self.piece_size, len(self.body)) - 1
+        return {"pieceNum": n, "range": f"{start}-{end}", "pieceSize": self.piece_size,
+                "pieceDigest": hashlib.sha256(self.body[start : end + 1]).hexdigest(),
+                "cid": f"{CDN}127.0.0.1~{'cd' * 32}", "peerIp": "127.0.0.1", "peerPort": self.cdn_port,
+                "path": f"/download/cdc/{'cd' * 32}?k=key"}
+
+    def render_POST(self, request: IRequest) -> bytes:
+        return self._answer(request, 200, {"taskId": "cd" * 32, "fileLength": len(self.body),
+                                           "pieceSize": self.piece_size, "key": "key"})
+
+    def render_GET(self, request: IRequest) -> Any:
+        args = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        if request.path == b"/peer/task":
+            self.pulls.append(args)
+            if len(self.pulls) == 1:
+                return self._answer(request, 601, [self._piece(0)])
+            self.held = request
+            return server.NOT_DONE_YET
+        if request.path == b"/peer/piece/suc":
+            self.reports.append(args)
+            if args["pieceRange"].startswith("0-"):
+                return self._answer(request, 611, [self._piece(1)])
+            held, self.held = self.held, None
+            if held is not None:
+                held.write(self._answer(held, 600, {"fileLength": len(self.body), "pieceSize": self.piece_size,
+                                                    "pieceCount": 2}))
+                held.finish()
+            return self._answer(request, 611, [])
+        return self._answer(request, 612)
+
+
+class ReportAnswerTests(TestCase):
+    """The engine reports with next=1 and runs the pieces its reports' answers carry."""
+
+    timeout = 30
+
+    def listen(self, site: resource.Resource) -> int:
+        factory = ClosingFactory(server.Site(site))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(factory.close_all)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    async def test_piece_in_a_report_answer_is_fetched_without_another_pull(self) -> None:
+        piece_size = 4 * MiB
+        body = os.urandom(piece_size + 1000)
+        cdn = _RangeServer(body)
+        script = _NextSupernode(body, piece_size, self.listen(cdn))
+        node = self.listen(script)
+        http, pool = make_http_client(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        engine = PeerEngine(reactor, http, Home(os.path.abspath(self.mktemp())).ensure(), ip="127.0.0.1")
+        output = os.path.abspath(self.mktemp())
+        req = DownloadRequest(url="http://127.0.0.1:1/f.bin", output=output, sign=f"{os.getpid()}-1.000",
+                              nodes=(("127.0.0.1", node),), back_source=False, timeout=20)
+        result = await engine.download(req)
+        self.assertTrue(result.success, result.line())
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), body)
+        self.assertEqual(cdn.ranges, [f"0-{piece_size - 1}", f"{piece_size}-{len(body) - 1}"])
+        self.assertEqual(len(script.pulls), 2)  # the first, and the held one that got 600
+        self.assertEqual({p["wait"] for p in script.pulls}, {f"{engine.poll_timeout:g}"})
+        self.assertEqual([r["next"] for r in script.reports], ["1", "1"])

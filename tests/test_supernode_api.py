@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
 
 import dfly
+from dfly.jsonapi import FastRoutes
 from dfly.pieces import DEFAULT_PIECE_SIZE, task_id
 from dfly.source import SourceClient
 from dfly.supernode.api import SupernodeApi
@@ -1100,3 +1101,185 @@ class ServiceRouteTests(SupernodeApiTestCase):
         """GET on the POST-only registry is a JSON 405."""
         answer = self.call("GET", "/peer/registry")
         self.assertEqual((answer.status, answer.code), (405, 501))
+
+
+class ReportNextTests(SupernodeApiTestCase):
+    """dfly's peers report with ``next=1``: the answer carries their next pieces, one request per report."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.tid = self.register_ok(self.serve(b"/five", FIVE))
+        self.first = self.pull(self.tid).data  # pieces 0-3: every slot of peer-1 is full
+
+    def report_next(self, piece_range: str, ok: bool = True, **params: str) -> Answer:
+        path = "/peer/piece/suc" if ok else "/peer/piece/error"
+        query = {"taskId": self.tid, "cid": "peer-1", "next": "1", **params}
+        query["pieceRange" if ok else "range"] = piece_range
+        if not ok:
+            query.setdefault("kind", "digest mismatch")
+        return self.call("GET", path, params=query)
+
+    def test_success_answers_606_with_the_next_piece(self) -> None:
+        answer = self.report_next(self.first[0]["range"])
+        self.assertEqual((answer.status, answer.code), (200, 611))
+        self.assertEqual([p["pieceNum"] for p in answer.data], [4])
+        self.assertEqual(set(answer.data[0]), {"pieceNum", "range", "pieceSize", "pieceDigest", "cid", "peerIp",
+                                               "peerPort", "path"})
+
+    def test_pieces_in_the_answer_are_assigned(self) -> None:
+        """The piece handed out in the answer is running: no pull gets it again."""
+        self.report_next(self.first[0]["range"])
+        self.assertEqual(self.tasks.task(self.tid).peers["peer-1"].running.keys(), {1, 2, 3, 4})
+        d = self.start_pull(self.tid)
+        self.pump()
+        self.assertNoResult(d)  # slots full again: held, nothing to hand out
+
+    def test_held_pull_stays_held_and_is_not_woken(self) -> None:
+        d = self.start_pull(self.tid)
+        self.pump()
+        before = self.tasks.counters.wakeups
+        self.report_next(self.first[0]["range"])
+        self.assertNoResult(d)
+        self.assertEqual(self.tasks.counters.wakeups, before)
+
+    def test_held_pull_is_refiled_hungry_when_nothing_is_left_to_take(self) -> None:
+        """Piece 4 taken, another report frees a slot with nothing left: the held pull waits hungry, unanswered."""
+        d = self.start_pull(self.tid)
+        self.pump()
+        self.report_next(self.first[0]["range"])
+        answer = self.report_next(self.first[1]["range"])
+        self.assertEqual(answer.data, [])
+        self.assertNoResult(d)
+        queue = self.tasks.task(self.tid).queue
+        self.assertIn("peer-1", queue._hungry)
+
+    def test_last_piece_makes_the_held_pull_answer_600(self) -> None:
+        pieces = [p["range"] for p in self.first]
+        pieces += [p["range"] for p in self.report_next(pieces[0]).data]
+        d = self.start_pull(self.tid)
+        self.pump()
+        for piece_range in pieces[1:]:
+            self.assertNoResult(d)
+            self.assertEqual(self.report_next(piece_range).data, [])
+        answer = self.successResultOf(d)
+        self.assertEqual((answer.code, answer.data["pieceCount"]), (600, 5))
+
+    def test_error_report_answers_with_the_next_pieces_from_another_source(self) -> None:
+        failed = self.first[0]
+        answer = self.report_next(failed["range"], ok=False, dstCid=failed["cid"])
+        self.assertEqual(answer.code, 611)
+        self.assertTrue(answer.data)
+        self.assertLessEqual({p["pieceNum"] for p in answer.data}, {0, 4})
+
+    def test_without_next_the_held_pull_gets_the_pieces(self) -> None:
+        """Dragonfly's clients: no data in the report's answer; the held pull is woken with piece 4."""
+        d = self.start_pull(self.tid)
+        self.pump()
+        answer = self.report(self.tid, self.first[0]["range"])
+        self.assertNotIn("data", answer.json())
+        self.assertEqual(self.pieces(self.successResultOf(d)), [4])
+
+    def test_bad_next_is_400_json(self) -> None:
+        for value in ("2", "yes"):
+            answer = self.report_next(self.first[0]["range"], next=value)
+            self.assertEqual((answer.status, answer.code), (400, 501), value)
+
+    def test_one_report_wakes_a_constant_number_of_pulls_among_200_held(self) -> None:
+        """200 peers each hold a pull; one next=1 report wakes at most what it frees: the new holder's
+        spare uploads (at most maxUploads) and the source's slot (one), never the reporter's own pull."""
+        for n in range(2, 202):
+            cid = f"peer-{n}"
+            self.register_ok(self.serve(b"/five", FIVE), cid=cid, ip=f"192.0.2.{n % 250}", port=15000 + n)
+            for _ in range(2):  # the first may be answered (601) or held; the second is held
+                self.start_pull(self.tid, cid)
+                self.pump()
+        self.assertGreaterEqual(self.tasks.held_pulls(), 200)
+        before = self.tasks.counters.wakeups
+        self.report_next(self.first[0]["range"])
+        self.assertLessEqual(self.tasks.counters.wakeups - before, SchedulerPolicy().max_uploads + 1)
+
+
+class PullWaitTests(SupernodeApiTestCase):
+    """``wait=SECONDS``: the client's own hold budget."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.origin.streams[b"/live"] = TWO
+        self.tid = self.register_ok(f"{ORIGIN}/live")
+
+    def test_held_pull_answers_602_after_its_own_wait(self) -> None:
+        d = self.start_pull(self.tid, wait="1.5")
+        self.pump()
+        self.clock.advance(1.4)
+        self.pump()
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.pump()
+        self.assertEqual(self.successResultOf(d).code, 602)
+
+    def test_wait_longer_than_poll_timeout_is_honoured(self) -> None:
+        d = self.start_pull(self.tid, wait="30")
+        self.pump()
+        self.clock.advance(POLL_TIMEOUT + 1)
+        self.pump()
+        self.assertNoResult(d)
+        self.clock.advance(30)
+        self.pump()
+        self.assertEqual(self.successResultOf(d).code, 602)
+
+    def test_wait_zero_answers_at_once(self) -> None:
+        self.assertEqual(self.pull(self.tid, wait="0").code, 602)
+
+    def test_bad_wait_is_400_json(self) -> None:
+        for value in ("abc", "-1", "61", "nan", "inf"):
+            answer = self.pull(self.tid, wait=value)
+            self.assertEqual((answer.status, answer.code), (400, 501), value)
+            self.assertIn("wait", answer.json()["msg"])
+
+
+class FastRouteTests(SupernodeApiTestCase):
+    """The routes served outside klein answer like the rest of the API."""
+
+    def test_post_to_a_pull_is_405_json(self) -> None:
+        answer = self.call("POST", "/peer/task", params={"taskId": "a" * 64, "srcCid": "x"})
+        self.assertEqual((answer.status, answer.code), (405, 501))
+        self.assertEqual(answer.headers.getRawHeaders(b"allow"), [b"GET"])
+
+    def test_unexpected_error_is_a_logged_500_json(self) -> None:
+        def broken(request: Any) -> bytes:
+            raise RuntimeError("boom")
+
+        def later(request: Any) -> Deferred[bytes]:
+            d: Deferred[bytes] = Deferred()
+            self.clock.callLater(1, d.errback, RuntimeError("late boom"))
+            return d
+
+        http = StubTreq(FastRoutes({b"/now": broken, b"/later": later}, Resource()))
+        for path, text in ((b"/now", "boom"), (b"/later", "late boom")):
+            d = http.get("http://x.test" + path.decode())
+            http.flush()
+            self.clock.advance(1)
+            http.flush()
+            response = self.successResultOf(d)
+            body = json.loads(self.successResultOf(treq.content(response)))
+            self.assertEqual((response.code, body["code"], body["msg"]), (500, 500, f"internal error: {text}"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    def test_other_paths_still_reach_klein(self) -> None:
+        answer = self.call("GET", "/version")
+        self.assertEqual((answer.status, answer.json()["data"]["version"]), (200, dfly.__version__))
+        self.assertEqual(self.call("GET", "/peer/task/").status, 404)
+
+    def test_client_leaving_a_held_pull_cancels_it(self) -> None:
+        """The held pull lets go at once (the peer is marked hung up) and nothing is written after."""
+        self.origin.streams[b"/live"] = TWO
+        tid = self.register_ok(f"{ORIGIN}/live")
+        d = self.start_pull(tid)
+        self.pump()
+        queue = self.tasks.task(tid).queue
+        self.assertEqual(len(queue), 1)
+        d.cancel()
+        self.pump()
+        self.assertEqual(len(queue), 0)
+        self.assertTrue(self.tasks.task(tid).peers["peer-1"].hung_up)
+        self.failureResultOf(d)
