@@ -477,11 +477,17 @@ class QueueMachine(RuleBasedStateMachine):
         self.tasks._piece_cached(self.tasks.task(TID), self.s.ready)  # the CDN fetch's callback
 
     @precondition(lambda self: any(p.running for p in self.s.peers.values()))
-    @rule(data=st.data(), kind=st.sampled_from(["", "refused", "unreachable", "write"]))
-    def report(self, data: st.DataObject, kind: str) -> None:
+    @rule(data=st.data(), kind=st.sampled_from(["", "refused", "unreachable", "write"]), take_next=st.booleans())
+    def report(self, data: st.DataObject, kind: str, take_next: bool) -> None:
+        """A report, Dragonfly's way (its held pull is woken) or dfly's (``next=1``: pieces in the answer)."""
         cid = data.draw(st.sampled_from(sorted(c for c, p in self.s.peers.items() if p.running)))
         piece = data.draw(st.sampled_from(sorted(self.s.peers[cid].running)))
-        self.tasks.piece_result(TID, cid, piece, not kind, kind)
+        chosen = self.tasks.piece_result(TID, cid, piece, not kind, kind, take_next=take_next)
+        assert take_next or not chosen, chosen
+        # What the answer carries is assigned (running from that source); the
+        # invariant below checks that the reporter's held pull, re-filed, and
+        # every other one were offered what they could use.
+        assert all(self.s.peers[cid].running.get(n) == src for n, src in chosen), chosen
 
     @precondition(lambda self: len(self.s.peers) == MAX_PEERS)
     @rule(data=st.data())
