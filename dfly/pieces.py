@@ -11,6 +11,8 @@ import re
 from typing import Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import hyperlink
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -94,6 +96,23 @@ def task_url(url: str, filter_keys: Iterable[str] = ()) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in drop]
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def registration_task_url(url: str, filter_keys: Iterable[str] = (), digest: tuple[str, str] | None = None) -> str:
+    """What a registration's task is named by: the URL without filter keys, or, with a digest, origin + digest.
+
+    A digest makes the task content-addressed within one origin: the same
+    bytes are one task whatever path or signed query they were asked by on
+    that server.  The origin stays in the identity: a caller may only reach
+    bytes through a server that grants it them (the access probe asks the
+    caller's own URL), so another server must never unlock them.  The
+    supernode names tasks with this, and peers place tasks on supernodes
+    with it (`dfly.placement`), so both must compute the same.
+    """
+    if digest is None:
+        return task_url(url, filter_keys)
+    parsed = hyperlink.URL.from_text(url)
+    return f"{parsed.scheme}://{parsed.host.lower()}:{parsed.port}#{digest[0]}:{digest[1]}"
 
 
 def task_id(url: str, md5: str | None = None, identifier: str | None = None) -> str:

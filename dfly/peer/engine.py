@@ -21,6 +21,7 @@ import hyperlink
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.error import ConnectionRefusedError as Refused
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
@@ -37,6 +38,8 @@ from dfly.ratelimit import HostLimit, TokenBucket, describe_limit
 from dfly.source import SourceClient, SourceError, abort_body
 from dfly.stream import BodyWriter, RunBlocking, StreamError, WriteError, thread_runner
 from dfly.peer import storage
+from dfly.peer.nodehealth import NodeHealth
+from dfly.placement import rendezvous_order, task_key
 from dfly.peer.request import DownloadRequest, DownloadResult
 from dfly.peer.uploader import HeldFile, UploadStore
 from dfly.urls import move_userinfo
@@ -45,6 +48,8 @@ log = Logger(namespace=CLIENT_NAMESPACE)
 
 #: Piece failures one download tolerates before it gives up on P2P.
 MAX_PIECE_FAILURES = 8
+#: 5xx codes that report the source's trouble, not the supernode's.
+_SOURCE_CODES = frozenset({codes.SOURCE_FAILED, codes.SOURCE_ERROR, codes.URL_NOT_REACHABLE})
 #: The largest supernode answer read (a 601 with a few pieces is ~2 KiB).
 MAX_ANSWER = 1024 * 1024
 #: Without --timeout and before the length is known, a download gets this long.
@@ -59,6 +64,10 @@ class DownloadFailed(Exception):
         self.code = code
         self.reason = reason
         self.error = error
+
+
+class _NodeHung(Exception):
+    """A supernode took a connection and answers nothing, not even ``/_ping``."""
 
 
 class _P2PFailed(Exception):
@@ -128,7 +137,10 @@ class PeerEngine:
     port: int = 0  # where this peer serves pieces; 0 = not serving
     ip: str | None = None  # advertised IP; None = the address that reaches the supernode
     api_timeout: float = 10.0
-    register_timeout: float = 60.0
+    register_timeout: float = 60.0  # a registration waits for the source's headers: long ...
+    hang_check: float = 3.0  # ... but after this long without an answer the supernode is pinged,
+    ping_timeout: float = 2.0  # and one that does not answer that either is taken for hung
+    health: NodeHealth = attrs.field(default=None)  # nodes that failed lately, shared by all downloads
     poll_timeout: float = 30.0  # how long the supernode may hold our pull (sent as its ``wait``)
     idle_timeout: float = 30.0
     source: SourceClient = attrs.field(default=None)
@@ -145,6 +157,8 @@ class PeerEngine:
             self.run_blocking = thread_runner(self.reactor)
         if self.limit is None:
             self.limit = HostLimit(0, self.reactor)
+        if self.health is None:
+            self.health = NodeHealth(self.reactor)
 
     def download(self, req: DownloadRequest, emit: Emit = lambda event: None) -> Deferred[DownloadResult]:
         """Run one download to its end; fires with the result (failures too).
@@ -357,6 +371,49 @@ class PeerEngine:
             raise _P2PFailed(codes.REASON_DOWNLOAD_ERROR, f"supernode {format_node(node)} answered {response.code} without a dfly JSON body") from None
         return response.code, answer
 
+    async def _unless_hung(self, node: tuple[str, int], call: Deferred[Any]) -> Any:
+        """``call``'s result; cancelled as `_NodeHung` if ``node`` stops answering even ``/_ping``.
+
+        A registration may rightly take long (the supernode waits for the
+        source's headers), so its own timeout stays long; but a supernode
+        that accepts connections and answers nothing (stopped, overloaded, a
+        dead VM behind a live load balancer) must cost seconds, not that
+        timeout: after ``hang_check`` s without an answer the node is pinged,
+        and a ping unanswered within ``ping_timeout`` s ends the call.
+        """
+        hung: list[bool] = []
+
+        async def ping() -> None:
+            host, port = node
+            url = hyperlink.URL(scheme="http", host=host, port=port, path=("_ping",)).to_text()
+            try:
+                response = await self.http.get(url, timeout=self.ping_timeout, reactor=self.reactor)
+                abort_body(response)
+                if response.code == 200:
+                    return
+            except CancelledError:
+                return  # the call ended first
+            except Exception:
+                pass
+            if not call.called:
+                hung.append(True)
+                call.cancel()
+
+        pinging: list[Deferred[None]] = []
+        timer = self.reactor.callLater(self.hang_check, lambda: pinging.append(Deferred.fromCoroutine(ping())))
+        try:
+            return await call
+        except Exception:  # our cancel surfaces as CancelledError or as treq's ResponseNeverReceived
+            if hung:
+                raise _NodeHung(f"{format_node(node)} accepts connections but does not answer, not even /_ping "
+                                f"within {self.ping_timeout:g}s") from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
+            for d in pinging:
+                d.cancel()
+
     async def _local_ip(self, node: tuple[str, int]) -> str:
         """The address this host uses to reach ``node`` (what peers will dial)."""
         if self.ip:
@@ -372,7 +429,10 @@ class PeerEngine:
     async def _register(self, run: _Run) -> tuple[tuple[str, int], str, dict[str, Any]]:
         req = run.req
         errors: list[str] = []
-        for node in req.nodes:
+        # The task's own order of the nodes (rendezvous hashing), nodes this
+        # daemon saw fail lately last.
+        key = task_key(req.url, req.filter, req.md5, req.identifier, req.digest)
+        for node in self.health.order(rendezvous_order(key, req.nodes)):
             where = format_node(node)
             try:
                 ip = await self._local_ip(node)
@@ -392,13 +452,19 @@ class PeerEngine:
                     "hostName": os.uname().nodename,
                     "version": dfly.__version__,
                 }
-                status, answer = await self._api(node, "POST", "/peer/registry", body=body, timeout=self.register_timeout)
-            except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _P2PFailed) as e:
+                status, answer = await self._unless_hung(node, Deferred.fromCoroutine(
+                    self._api(node, "POST", "/peer/registry", body=body, timeout=self.register_timeout)))
+            except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _P2PFailed, _NodeHung) as e:
                 _stop_if_cancelled(run)
                 error = e.error if isinstance(e, _P2PFailed) else (str(e) or type(e).__name__)
                 log.warn("do register to {node} failed: {error}", node=where, error=error, sign=req.sign)
                 errors.append(f"{where}: {error}")
+                self.health.failed(node, error, down=isinstance(e, (_NodeHung, Refused)))
                 continue
+            if status >= 500 and answer.get("code") not in _SOURCE_CODES:
+                self.health.failed(node, f"answered {status}")
+            else:
+                self.health.succeeded(node)
             log.info("do register to {node}, res:{res}", node=where, res=json.dumps(answer), sign=req.sign)
             code, msg = answer["code"], answer.get("msg", "")
             if code == codes.SUCCESS:

@@ -11,7 +11,6 @@ import ipaddress
 import platform
 from typing import Any
 
-import hyperlink
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -19,7 +18,9 @@ from twisted.web.iweb import IRequest
 import dfly
 from dfly import codes
 from dfly.jsonapi import FastRoutes, bad_request, envelope, json_app, query_arg, query_int, read_json
-from dfly.pieces import is_md5, is_task_id, parse_digest, parse_filter, parse_range, piece_num_of, task_id, task_url
+from dfly.pieces import (
+    is_md5, is_task_id, parse_digest, parse_filter, parse_range, piece_num_of, registration_task_url, task_id,
+)
 from dfly.urls import check_url, parse_header_lines
 from dfly.supernode.metrics import metrics_registry, render
 from dfly.supernode.pullqueue import Assignment
@@ -81,12 +82,7 @@ def parse_registration(body: dict[str, Any]) -> Registration:
     host_name = body.get("hostName", "")
     if not isinstance(host_name, str):
         raise bad_request("hostName must be a string")
-    # A digest makes the task content-addressed within one origin: the same
-    # bytes are one task whatever path or signed query they were asked by on
-    # that server.  The origin stays in the identity: a caller may only reach
-    # bytes through a server that grants it them (the access probe asks the
-    # caller's own URL), so another server must never unlock them.
-    turl = f"{_origin(url)}#{digest[0]}:{digest[1]}" if digest else task_url(url, parse_filter(filter_spec))
+    turl = registration_task_url(url, parse_filter(filter_spec), digest)
     md5 = md5.lower() if md5 else None
     return Registration(
         url=url,
@@ -101,12 +97,6 @@ def parse_registration(body: dict[str, Any]) -> Registration:
         port=port,
         host_name=host_name,
     )
-
-
-def _origin(url: str) -> str:
-    """``scheme://host:port`` of a checked URL, the port always spelled out."""
-    parsed = hyperlink.URL.from_text(url)
-    return f"{parsed.scheme}://{parsed.host.lower()}:{parsed.port}"
 
 
 def _task_id_arg(request: IRequest) -> str:
