@@ -386,18 +386,21 @@ class NestedAnswers(Resource):
         return DEEP
 
 
+def download_against(testcase: SynchronousTestCase, supernode: Resource) -> DownloadResult:
+    """A download (no back-to-source) whose only supernode is ``supernode``, over StubTreq; its result."""
+    stub = StubTreq(supernode)
+    engine = PeerEngine(Clock(), stub, Home(testcase.mktemp()).ensure(), ip="127.0.0.1", run_blocking=run_inline)
+    req = DownloadRequest(url="http://origin.test/f", output=os.path.abspath(testcase.mktemp()), sign="1-1.000",
+                          nodes=(("supernode.test", 8002),), back_source=False)
+    d = engine.download(req)
+    stub.flush()
+    return testcase.successResultOf(d)
+
+
 class NestedSupernodeAnswerTests(SynchronousTestCase):
     def test_engine_survives_a_deeply_nested_supernode_answer(self) -> None:
         """The engine treats it as a broken supernode: a FAIL result, not an exception."""
-        clock = Clock()
-        stub = StubTreq(NestedAnswers())
-        home = Home(self.mktemp()).ensure()
-        engine = PeerEngine(clock, stub, home, ip="127.0.0.1", run_blocking=run_inline)
-        req = DownloadRequest(url="http://origin.test/f", output=os.path.abspath(self.mktemp()), sign="1-1.000",
-                              nodes=(("supernode.test", 8002),), back_source=False)
-        d = engine.download(req)
-        stub.flush()
-        result = self.successResultOf(d)
+        result = download_against(self, NestedAnswers())
         self.assertEqual((result.success, result.reason),
                          (False, codes.REASON_REGISTER_FAILED + codes.REASON_NO_BACK_SOURCE))
 
@@ -426,15 +429,7 @@ class HugeSupernodeAnswerTests(SynchronousTestCase):
     """The engine reads at most MAX_ANSWER bytes of a supernode's answer."""
 
     def download(self, declared: bool) -> Any:
-        clock = Clock()
-        stub = StubTreq(EndlessAnswers(declared))
-        home = Home(self.mktemp()).ensure()
-        engine = PeerEngine(clock, stub, home, ip="127.0.0.1", run_blocking=run_inline)
-        req = DownloadRequest(url="http://origin.test/f", output=os.path.abspath(self.mktemp()), sign="1-1.000",
-                              nodes=(("supernode.test", 8002),), back_source=False)
-        d = engine.download(req)
-        stub.flush()
-        return self.successResultOf(d)
+        return download_against(self, EndlessAnswers(declared))
 
     def test_declared_huge_answer_is_a_failed_registration(self) -> None:
         result = self.download(declared=True)

@@ -116,6 +116,15 @@ class LifecycleTestCase(SupernodeApiTestCase):
 
     origin_class = ValidatingOrigin
 
+    def start_cut_fetch(self) -> None:
+        """/three (ETag "e1") streamed: its first piece and a bit of the second have arrived, the rest has not."""
+        self.data = payload(THREE)
+        self.origin.etags[b"/three"] = b'"e1"'
+        self.origin.streams[b"/three"] = THREE
+        self.tid = self.register_ok(f"{ORIGIN}/three")
+        self.origin.held[0].write(self.data[: P + 50])
+        self.pump()
+
     def serve_tagged(self, name: bytes, length: int, etag: bytes = b'"v1"', seed: int = 0) -> str:
         self.origin.files[name] = payload(length, seed)
         self.origin.etags[name] = etag
@@ -522,12 +531,7 @@ class StopWritesTheLastMetaTests(LifecycleTestCase):
         self.disk = StepDisk()
         self.options = {"disk": self.disk}
         super().setUp()
-        self.data = payload(THREE)
-        self.origin.etags[b"/three"] = b'"e1"'
-        self.origin.streams[b"/three"] = THREE
-        self.tid = self.register_ok(f"{ORIGIN}/three")
-        self.origin.held[0].write(self.data[: P + 50])
-        self.pump()
+        self.start_cut_fetch()
 
     def run_disk(self) -> None:
         while self.disk.jobs:
@@ -568,12 +572,7 @@ class ResumeTests(LifecycleTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.data = payload(THREE)
-        self.origin.etags[b"/three"] = b'"e1"'
-        self.origin.streams[b"/three"] = THREE
-        self.tid = self.register_ok(f"{ORIGIN}/three")
-        self.origin.held[0].write(self.data[: P + 50])
-        self.pump()
+        self.start_cut_fetch()
         self.tasks.stop()
         self.pump()
         del self.origin.streams[b"/three"]
