@@ -15,7 +15,10 @@ Invariants:
   are written, and never when the body turns out short or long;
 - ``done`` fires after the last write (so a retry can never race a stale
   write), except when cancelled: the writer owns a duplicate of the file
-  descriptor, so late writes land in the file it was given and nowhere else;
+  descriptor, so late writes land in the file it was given and nowhere else,
+  and ``closed`` fires once that duplicate is closed (after the last write);
+- a step that raises (the worker, a piece callback) fails ``done``: a body
+  is never reported written when part of it was not;
 - the stream fails if it carries more or fewer bytes than expected, more
   than ``max_length``, or goes quiet for ``idle_timeout``;
 - with a ``bucket``, every read is charged to it (and its parents) and the
@@ -32,11 +35,14 @@ from typing import Any, Callable, TypeVar
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from dfly.ratelimit import TokenBucket
+
+log = Logger()
 
 #: Bytes handed to the worker at once.
 BATCH = 1 << 20
@@ -111,6 +117,8 @@ class BodyWriter(Protocol):
         self._error: Failure | None = None
         self.received = 0
         self.done: Deferred[int] = Deferred(self._cancel)
+        #: Fires once the writer's descriptor is closed: no write of it can land after that.
+        self.closed: Deferred[None] = Deferred()
 
     # IProtocol -----------------------------------------------------------------
 
@@ -207,10 +215,16 @@ class BodyWriter(Protocol):
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         self._fail(WriteError(f"cannot write: {reason}"))
 
-    def _finish(self, _: object) -> None:
+    def _finish(self, result: object) -> None:
+        if isinstance(result, Failure) and self._error is None:
+            # A step of the tail raised (the worker, or a piece callback): the
+            # body is not written as it should be, so it must not count as done.
+            log.failure("writing a body failed", result)
+            self._error = Failure(StreamError(f"writing failed: {result.getErrorMessage()}"))
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self.closed.callback(None)
         if self.done.called:
             return
         if self._error is not None:

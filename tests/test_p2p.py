@@ -30,6 +30,7 @@ from twisted.web.iweb import IRequest
 from dfly.config import Home, SupernodeFileConfig
 from dfly.httpclient import make_http_client
 from dfly.logs import CLIENT_NAMESPACE
+from dfly.peer import resume
 from dfly.peer.engine import DownloadRequest, DownloadResult, PeerEngine
 from dfly.peer.options import PeerConfig
 from dfly.peer.tap import PeerParts
@@ -458,7 +459,16 @@ class KilledPeerTests(P2PTestCase):
         outcome = await victim.d.addErrback(lambda f: f.trap(CancelledError) and None)
         self.assertIsNone(outcome, f"the cancelled download went on: {outcome and outcome.line()}")
         self.assertFalse(os.path.exists(victim.req.output))
-        self.assertEqual(victim.host.data_files, [])
+        # What it verified stays for a later run to resume from: the working
+        # file and its record, every recorded piece matching the file's bytes.
+        files = victim.host.data_files
+        if files:
+            working, record = files
+            self.assertEqual(record, working + resume.SUFFIX)
+            kept = json.loads(open(os.path.join(victim.host.home, "data", record), "rb").read())["pieces"]
+            pmap, why = resume.load(os.path.join(victim.host.home, "data", working), json.loads(
+                open(os.path.join(victim.host.home, "data", record), "rb").read())["identity"])
+            self.assertEqual((why, len(pmap.pieces)), ("", len(kept)))
         # A cancelled download reports nothing more: its unfinished pieces are nobody's fault.
         reports = [e for e in self.error_reports if e["cid"] == victim.cid]
         self.assertEqual(reports, [], "the cancelled download blamed the sources of its unfinished pieces")

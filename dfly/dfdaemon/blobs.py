@@ -196,6 +196,7 @@ async def serve_p2p(
         headers={name.decode("latin-1"): b", ".join(values).decode("latin-1") for name, values in headers.getAllRawHeaders()},
         digest=("sha256", digest) if digest else None,
         local_limit=rate,
+        resume=False,  # each request has an output of its own: nothing a later one could resume
     )
     stream = OrderedStream(request, engine.reactor, digest)
     download = engine.download(req, stream.event)

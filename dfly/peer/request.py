@@ -35,6 +35,7 @@ class DownloadRequest:
     back_source: bool = True
     local_limit: int = DEFAULT_LOCAL_LIMIT  # bytes/s for this download; 0 = unlimited
     total_limit: int | None = None  # set the host's --totallimit; None = leave it as it is
+    resume: bool = True  # keep verified pieces for a later run of the same download (dfdaemon's blobs: no)
 
 
 @attrs.frozen
@@ -48,14 +49,17 @@ class DownloadResult:
     from_peers: int = 0
     from_supernode: int = 0
     from_source: int = 0
+    migrated: int = 0  # times the download moved to another supernode (or the same after its restart)
+    resumed: int = 0  # bytes kept from an earlier run's verified pieces
 
     def line(self) -> str:
-        """The result line users and scripts know from Dragonfly."""
+        """The result line users and scripts know from Dragonfly; a migration or a resume is appended."""
+        extra = (f" migrated:{self.migrated}" if self.migrated else "") + (f" resumed:{self.resumed}" if self.resumed else "")
         if self.success:
-            return f"download SUCCESS(0) cost:{self.cost:.3f}s length:{self.length} reason:{self.reason}"
+            return f"download SUCCESS(0) cost:{self.cost:.3f}s length:{self.length} reason:{self.reason}{extra}"
         return (
             f"download FAIL({self.code}) cost:{self.cost:.3f}s length:{self.length} "
-            f"reason:{self.reason} error:{self.error}"
+            f"reason:{self.reason}{extra} error:{self.error}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -69,6 +73,8 @@ class DownloadResult:
             "fromPeers": self.from_peers,
             "fromSupernode": self.from_supernode,
             "fromSource": self.from_source,
+            "migrated": self.migrated,
+            "resumed": self.resumed,
             "line": self.line(),
         }
 
@@ -79,6 +85,8 @@ class DownloadResult:
             reason=int(data["reason"]), code=int(data["code"]), error=str(data["error"]),
             from_peers=int(data["fromPeers"]), from_supernode=int(data["fromSupernode"]),
             from_source=int(data["fromSource"]),
+            migrated=int(data.get("migrated", 0)),
+            resumed=int(data.get("resumed", 0)),
         )
 
 
