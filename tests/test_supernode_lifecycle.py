@@ -27,7 +27,7 @@ from dfly.supernode.diskgc import DiskQuota
 from dfly.supernode.tap import _Supernode
 from dfly.supernode.policy import SchedulerPolicy
 from dfly.pieces import task_id
-from dfly.supernode.tasks import Limits, TaskManager, version_id
+from dfly.supernode.tasks import Limits, version_id
 from tests.test_supernode_api import (
     FIVE,
     ORIGIN,

@@ -141,12 +141,20 @@ class _Run:
     lost: "_NodeLost | None" = None  # the supernode is gone: migrate
     broken: "DownloadFailed | None" = None  # nothing can mend it (the disk refused bytes)
     pull: Deferred[Any] | None = None
+    task: "_Task | None" = None  # the current registration; pieces of an earlier one report nothing
     cancelled: bool = False
     timeout: float = DEFAULT_TIMEOUT
     from_peers: int = 0
     from_supernode: int = 0
     from_source: int = 0
-    resumed: int = 0  # bytes kept from an earlier run's verified pieces
+    from_record: set[int] = attrs.Factory(set)  # pieces an earlier run verified, still kept
+
+    @property
+    def resumed(self) -> int:
+        """Bytes kept from an earlier run's verified pieces (not fetched again)."""
+        if self.pmap.length < 0:
+            return 0
+        return sum(end - start + 1 for start, end in map(self.pmap.range, self.from_record & self.pmap.pieces.keys()))
     started: float = 0.0
     registered: tuple[tuple[str, int], str, str] | None = None  # node, task id, cid
     held: HeldFile | None = None  # what the uploader serves of this download
@@ -168,6 +176,7 @@ class _Run:
         if fresh:
             self.fd = storage.open_working_file(self.path)
             self.pmap.pieces.clear()
+            self.from_record.clear()
             self.done = 0
             self.changed()
         else:
@@ -428,11 +437,12 @@ class PeerEngine:
             if pmap is not None and pmap.pieces:
                 run.pmap = run.record.pmap = pmap
                 run.open(fresh=False)
-                run.resumed = run.done = pmap.verified_bytes()
+                run.from_record = set(pmap.pieces)
+                run.done = pmap.verified_bytes()
                 run.length = pmap.length
                 log.info("resuming from break-point: {n} verified pieces ({bytes} bytes) of {path} kept",
-                         n=len(pmap.pieces), bytes=run.resumed, path=run.path, sign=run.req.sign)
-                run.emit({"event": "resume", "pieces": len(pmap.pieces), "bytes": run.resumed})
+                         n=len(pmap.pieces), bytes=run.done, path=run.path, sign=run.req.sign)
+                run.emit({"event": "resume", "pieces": len(pmap.pieces), "bytes": run.done})
                 return
         run.open(fresh=True)
 
@@ -702,7 +712,8 @@ class PeerEngine:
         # A held pull is woken when an event elsewhere gives us work; our own
         # reports get our next pieces in their answers (``next=1``).
         params = {"taskId": task_id, "srcCid": cid, "wait": f"{self.poll_timeout:g}"}
-        ctx = _Task(node, task_id, cid, piece_size)
+        ctx = run.task = _Task(node, task_id, cid, piece_size)
+        run.lost = None  # whatever lost the last node is not this one's
         while True:
             self._raise_if_ended(run)
             run.pull = Deferred.fromCoroutine(self._unless_hung(node, Deferred.fromCoroutine(
@@ -744,7 +755,6 @@ class PeerEngine:
                      path=run.path, old=run.pmap.length, osize=run.pmap.piece_size, new=length, nsize=piece_size,
                      sign=run.req.sign)
             run.open(fresh=True)
-            run.resumed = 0
         run.pmap.layout(length, piece_size)
         self._known_length(run, length)
 
@@ -764,7 +774,7 @@ class PeerEngine:
         self._known_length(run, length)
 
     def _start_pieces(self, run: _Run, ctx: "_Task", pieces: Any) -> None:
-        if not isinstance(pieces, list) or run.lost or run.fatal or run.broken:
+        if not isinstance(pieces, list) or ctx is not run.task or run.lost or run.fatal or run.broken:
             return
         for piece in pieces:
             self._start_piece(run, ctx, piece)
@@ -773,8 +783,11 @@ class PeerEngine:
         num = piece.get("pieceNum") if isinstance(piece, dict) else None
         if not isinstance(num, int) or isinstance(num, bool) or num in run.running:
             return
-        d = Deferred.fromCoroutine(self._piece(run, ctx, piece))
+        # The number is taken before the coroutine runs (it runs at once, up
+        # to its first wait): a piece failing that fast frees it for its retry.
+        d: Deferred[None] = Deferred()
         run.running[num] = d
+        d.addCallback(lambda _: Deferred.fromCoroutine(self._piece(run, ctx, piece)))
 
         def ended(result: object) -> None:
             if run.running.get(num) is d:  # a retry of the piece may be running already
@@ -783,6 +796,7 @@ class PeerEngine:
                 log.failure("piece {num} ended unexpectedly", result, num=num, sign=run.req.sign)
 
         d.addBoth(ended)
+        d.callback(None)
 
     def _checked_range(self, run: _Run, piece_size: int, num: int, given: str) -> tuple[int, int] | None:
         """Piece ``num``'s bytes as we compute them, if ``given`` (the supernode's range) says the same.
@@ -834,8 +848,8 @@ class PeerEngine:
                 raise _PieceFailed("invalid", f"supernode {format_node(ctx.node)} gave piece {num} the range "
                                               f"{byte_range!r}, which is not its place in the file: refused")
             length, digest = await self._fetch_piece(run, piece, expected)
-        except CancelledError:
-            raise
+        except (CancelledError, ConnectingCancelledError):
+            raise CancelledError() from None
         except Exception as e:
             _stop_if_cancelled(run)  # our own cancel is nobody's fault
             if not isinstance(e, _PieceFailed):
@@ -871,6 +885,7 @@ class PeerEngine:
         run.emit({"event": "progress", "done": run.done, "total": run.length})
 
     def _forget_piece(self, run: _Run, num: int) -> None:
+        run.from_record.discard(num)
         if run.have.pop(num, None) is not None:
             run.changed()
             if run.length >= 0:
@@ -884,16 +899,20 @@ class PeerEngine:
         try:
             status, answer = await self._unless_hung(ctx.node, Deferred.fromCoroutine(
                 self._api(ctx.node, "GET", path, params)))
-        except CancelledError:
-            raise
+        except (CancelledError, ConnectingCancelledError):
+            raise CancelledError() from None  # the piece was stopped (a migration, the download's end)
         except Exception as e:
             if run.cancelled:
                 raise CancelledError() from None
+            if ctx is not run.task:
+                return  # a report to a supernode the download has left: nothing to mend
             if isinstance(e, _NodeHung) or _is_network_error(e):
                 self._lose(run, _NodeLost(f"cannot report to supernode {format_node(ctx.node)}: {_describe_error(e)}",
                                           down=not isinstance(e, _BadAnswer)))
                 return
             raise
+        if ctx is not run.task:
+            return
         if status == 404:
             self._lose(run, _NodeLost(f"supernode {format_node(ctx.node)} no longer knows us "
                                       f"({answer.get('msg', '')}): restarted or dropped us", down=False))
@@ -1023,7 +1042,6 @@ class PeerEngine:
 
     async def _whole_from_source(self, run: _Run, reason: int, opened: SourceResponse) -> None:
         run.open(fresh=True)
-        run.resumed = 0
         run.pmap.layout(opened.length, piece_size_for(opened.length) if opened.length >= 0 else 0)
         self._known_length(run, opened.length)
         run.emit({"event": "file", "path": run.path, "length": run.length})
