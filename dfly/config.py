@@ -217,6 +217,47 @@ def _string(value: Any) -> str:
     return value
 
 
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above 0, got {value!r}")
+    return seconds
+
+
+@attrs.frozen
+class NodeTimeouts:
+    """How long a peer waits on the network before it moves on.
+
+    A dead or hung supernode must cost a few seconds, once per daemon (its
+    health memory does the "once"), never a download's whole timeout.  The
+    registration waits for the source's headers and the long poll for
+    work, so those keep long budgets, but they ping the node after
+    ``hang_check`` seconds without an answer and give up on one that does
+    not answer the ping either.
+    """
+
+    connect: float = 3.0  # a TCP (and TLS) connection: supernode, peer or source
+    api: float = 5.0  # a supernode's answer to an API call; a peer's answer to a piece request
+    hang_check: float = 3.0  # a slow registration or poll pings the supernode after this long
+    rejoin: float = 10.0  # a migration retries the nodes this long (a restart) before the source
+
+
+#: ``dfget.yml``/``dfdaemon.yml`` keys of `NodeTimeouts` (as ``timeouts.<field>``).
+_TIMEOUT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "connectTimeout": ("timeouts.connect", _positive_duration),
+    "apiTimeout": ("timeouts.api", _positive_duration),
+    "hangCheck": ("timeouts.hang_check", _positive_duration),
+    "rejoinWait": ("timeouts.rejoin", parse_duration),
+}
+
+
+def _gather_timeouts(values: dict[str, Any]) -> dict[str, Any]:
+    """Fold the ``timeouts.*`` values `_apply` produced into one `NodeTimeouts`."""
+    fields = {name.split(".", 1)[1]: values.pop(name) for name in list(values) if name.startswith("timeouts.")}
+    values["timeouts"] = NodeTimeouts(**fields)
+    return values
+
+
 @attrs.frozen
 class DfgetFileConfig:
     """What ``dfget.yml`` may set; flags override each field."""
@@ -226,6 +267,7 @@ class DfgetFileConfig:
     timeout: float = 0.0
     local_limit: int = DEFAULT_LOCAL_LIMIT
     total_limit: int | None = None  # None: not set here (the daemon's own value holds)
+    timeouts: NodeTimeouts = NodeTimeouts()
 
 
 _DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -234,11 +276,12 @@ _DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "timeout": ("timeout", parse_duration),
     "localLimit": ("local_limit", parse_size),
     "totalLimit": ("total_limit", parse_size),
+    **_TIMEOUT_KEYS,
 }
 
 
 def load_dfget_config(path: str = DEFAULT_DFGET_CONFIG, required: bool = False) -> DfgetFileConfig:
-    return DfgetFileConfig(**_apply(path, _read_yaml(path, required), _DFGET_KEYS))
+    return DfgetFileConfig(**_gather_timeouts(_apply(path, _read_yaml(path, required), _DFGET_KEYS)))
 
 
 @attrs.frozen
@@ -359,6 +402,7 @@ class DfdaemonFileConfig:
     hijack_cert: str | None = None
     hijack_key: str | None = None
     hijack_hosts: tuple[HijackRule, ...] = ()
+    timeouts: NodeTimeouts = NodeTimeouts()  # of the embedded peer engine
 
 
 def _regex(value: Any) -> re.Pattern[str]:
@@ -421,10 +465,11 @@ _DFDAEMON_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "insecure": ("insecure", _bool),
     "proxies": ("proxies", _rules),
     "hijackHttps": ("hijack", _hijack),
+    **_TIMEOUT_KEYS,
 }
 
 
 def load_dfdaemon_config(path: str = DEFAULT_DFDAEMON_CONFIG, required: bool = False) -> DfdaemonFileConfig:
     values = _apply(path, _read_yaml(path, required), _DFDAEMON_KEYS)
     values.update(values.pop("hijack", {}))
-    return DfdaemonFileConfig(**values)
+    return DfdaemonFileConfig(**_gather_timeouts(values))

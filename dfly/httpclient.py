@@ -32,8 +32,12 @@ class QuietConnectionPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
-def make_http_client(reactor: Any, policy: IPolicyForHTTPS | None = None) -> tuple[HTTPClient, HTTPConnectionPool]:
+def make_http_client(reactor: Any, policy: IPolicyForHTTPS | None = None,
+                     connect_timeout: float | None = None) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client and its pool; close the pool (``closeCachedConnections``) on stop.
+
+    ``connect_timeout`` bounds each TCP connection attempt (None: the
+    reactor's default of 30 s): a peer moves on from a dead address fast.
 
     treq keeps a cookie jar per client; one client fetches for every caller
     (the supernode's source fetches carry each caller's credentials), so a
@@ -42,7 +46,8 @@ def make_http_client(reactor: Any, policy: IPolicyForHTTPS | None = None) -> tup
     """
     pool = QuietConnectionPool(reactor, persistent=True)
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    agent = Agent(reactor, contextFactory=policy or BrowserLikePolicyForHTTPS(), pool=pool)
+    agent = Agent(reactor, contextFactory=policy or BrowserLikePolicyForHTTPS(), pool=pool,
+                  connectTimeout=connect_timeout)
     return HTTPClient(agent, cookiejar=no_cookies), pool
 
 

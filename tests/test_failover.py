@@ -15,16 +15,30 @@ from typing import Any, Callable
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
 from twisted.web.iweb import IRequest
 
 from dfly import codes
-from dfly.config import Home, SupernodeFileConfig
+from dfly.config import (
+    DfdaemonFileConfig,
+    DfgetFileConfig,
+    Home,
+    NodeTimeouts,
+    SupernodeFileConfig,
+    load_dfdaemon_config,
+    load_dfget_config,
+)
+from dfly.dfdaemon.tap import build_service as build_dfdaemon
 from dfly.httpclient import make_http_client
 from dfly.peer import resume
 from dfly.peer.engine import DownloadRequest, DownloadResult, PeerEngine
+from dfly.peer.nodenames import NodeNames
+from dfly.peer.options import Options as DaemonOptions
+from dfly.peer.tap import build_service as build_daemon
 from dfly.peer.flow import RUNNING, TERMINAL, TRANSITIONS, DownloadFlow, Input, InvalidTransition, State
 from dfly.pieces import MiB
 from dfly.placement import rendezvous_order, task_key
@@ -32,6 +46,7 @@ from dfly.stream import run_inline
 from dfly.supernode.tap import SupernodeParts, build_service
 from tests.loopback import ClosingFactory
 from tests.test_p2p import CountingFactory
+from tests.test_nodenames import Resolver, v4
 from tests.test_integration import IntegrationTestCase, Served, distinct_mebibytes, sha256_file
 
 # --- the state machine --------------------------------------------------------
@@ -251,16 +266,16 @@ class FailoverTestCase(IntegrationTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.engine.rejoin_wait = 3.0
+        self.engine.timeouts = NodeTimeouts(rejoin=3.0)
         self.parts: dict[tuple[str, int], SupernodeParts] = {}
         self.homes: dict[tuple[str, int], str] = {}
         self.counter = 0
 
-    async def start_node(self, home: str | None = None, port: int = 0, download_port: int = 0) -> tuple[str, int]:
+    async def start_node(self, home: str | None = None, port: int = 0, download_port: int = 0,
+                         ip: str = "127.0.0.1") -> tuple[str, int]:
         self.counter += 1
         home = home or os.path.join(self.work, f"supernode-{self.counter}")
-        config = SupernodeFileConfig(port=port, download_port=download_port, listen="127.0.0.1", home=home,
-                                     advertise_ip="127.0.0.1")
+        config = SupernodeFileConfig(port=port, download_port=download_port, listen=ip, home=home, advertise_ip=ip)
         parts = build_service(config, reactor)
         # Connections a test can cut, as when the process dies.
         parts.api.factory, parts.cdn.factory = CountingFactory(parts.api.factory), CountingFactory(parts.cdn.factory)
@@ -270,7 +285,7 @@ class FailoverTestCase(IntegrationTestCase):
         self.addCleanup(parts.cdn.factory.close_all)
         api = await parts.api.listening
         await parts.cdn.listening
-        node = ("127.0.0.1", api.getHost().port)
+        node = (ip, api.getHost().port)
         self.parts[node], self.homes[node] = parts, home
         return node
 
@@ -350,7 +365,7 @@ class MigrationTests(FailoverTestCase):
         a = await self.start_node()
         served = self.serve("alone.bin", distinct_mebibytes(24))
         req = self.request(served.url, nodes=(a,), local_limit=12 * MiB)
-        self.engine.rejoin_wait = 1.0
+        self.engine.timeouts = NodeTimeouts(rejoin=1.0)
         before: list[int] = []
 
         def fault() -> Deferred[None]:
@@ -376,11 +391,41 @@ class MigrationTests(FailoverTestCase):
         a = await self.start_node()
         served = self.serve("norange.bin", distinct_mebibytes(40), mode="no-range")
         req = self.request(served.url, nodes=(a,), local_limit=8 * MiB)
-        self.engine.rejoin_wait = 1.0
+        self.engine.timeouts = NodeTimeouts(rejoin=1.0)
         result = await self.download_with(req, 0.2, lambda: Deferred.fromCoroutine(self.stop_node(a)))
         self.assertTrue(result.success, result.line())
         self.assertEqual(sha256_file(req.output), served.sha256)
         self.assertEqual(result.from_source, served.length, (result.line(), self.states()))
+
+
+class _NamedReactor:
+    """The real reactor, but names resolve as ``dns`` says (two loopback addresses for one name)."""
+
+    def __init__(self, dns: Any) -> None:
+        self.nameResolver = dns
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+class NodeNameTests(FailoverTestCase):
+    async def test_a_name_for_two_supernodes_is_two_nodes_to_fail_over_between(self) -> None:
+        """A headless Service: one name, two supernodes on one port; losing the task's one moves the download."""
+        a = await self.start_node()
+        b = await self.start_node(port=a[1], ip="127.0.0.2")
+        dns = Resolver()
+        dns.answers["supernodes.test"] = [v4("127.0.0.2"), v4("127.0.0.1")]
+        self.engine.names = NodeNames(_NamedReactor(dns))
+        first = rendezvous_order(task_key(self.origin_root + "big-0.bin"), (a, b))[0]
+        served = self.file_placed_first_on(first, (a, b), 16)
+        other = b if first == a else a
+        req = self.request(served.url, nodes=(("supernodes.test", a[1]),), local_limit=12 * MiB, back_source=False)
+        result = await self.download_with(req, 0.3, lambda: Deferred.fromCoroutine(self.stop_node(first)))
+        self.assertTrue(result.success, result.line())
+        self.assertEqual(sha256_file(req.output), served.sha256)
+        self.assertEqual([e["node"] for e in self.events if e["event"] == "registered"],
+                         [f"{first[0]}:{first[1]}", f"{other[0]}:{other[1]}"])
+        self.assertEqual(dns.lookups, ["supernodes.test"])  # the second registration used the kept answer
 
 
 class ResumeTests(FailoverTestCase):
@@ -648,7 +693,64 @@ class HostileAnswerTests(IntegrationTestCase):
 class EngineUnitTests(SynchronousTestCase):
     def test_max_migrations_follows_the_node_list(self) -> None:
         engine = PeerEngine(Clock(), None, Home(self.mktemp()), run_blocking=run_inline)
-        req = DownloadRequest(url="http://o.test/f", output="/tmp/x", sign="1-1.000",
-                              nodes=(("a", 1), ("b", 1), ("a", 1)))
-        self.assertEqual(engine.max_migrations(req), 5)
+        self.assertEqual(engine.max_migrations((("a", 1), ("b", 1), ("a", 1))), 5)
 
+
+
+class TimeoutConfigTests(SynchronousTestCase):
+    """connectTimeout, apiTimeout, hangCheck, rejoinWait: dfget.yml, dfdaemon.yml, daemon flags, wiring."""
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def daemon_config(self, *args: str) -> Any:
+        opts = DaemonOptions()
+        opts.parseOptions(["--home", self.mktemp(), *args])
+        return opts["config_obj"]
+
+    def test_defaults_are_a_few_seconds(self) -> None:
+        """Without keys or flags: connect 3 s, API 5 s, hang check 3 s, rejoin 10 s."""
+        expected = NodeTimeouts(connect=3.0, api=5.0, hang_check=3.0, rejoin=10.0)
+        self.assertEqual((DfgetFileConfig().timeouts, DfdaemonFileConfig().timeouts, NodeTimeouts()),
+                         (expected, expected, expected))
+
+    def test_dfget_yml_keys(self) -> None:
+        path = self.write("connectTimeout: 1s\napiTimeout: 2500ms\nhangCheck: 4\nrejoinWait: 0\n")
+        self.assertEqual(load_dfget_config(path).timeouts, NodeTimeouts(connect=1.0, api=2.5, hang_check=4.0, rejoin=0.0))
+
+    def test_dfdaemon_yml_keys(self) -> None:
+        path = self.write("apiTimeout: 7s\nhangCheck: 1s\n")
+        self.assertEqual(load_dfdaemon_config(path).timeouts, NodeTimeouts(api=7.0, hang_check=1.0))
+
+    def test_a_zero_or_bad_timeout_names_its_key(self) -> None:
+        for text, key in (("connectTimeout: 0\n", "connectTimeout"), ("apiTimeout: soon\n", "apiTimeout"),
+                          ("hangCheck: -1\n", "hangCheck"), ("rejoinWait: []\n", "rejoinWait")):
+            error = self.assertRaises(ValueError, load_dfget_config, self.write(text))
+            self.assertIn(repr(key), str(error))
+
+    def test_daemon_flags_win_over_the_file(self) -> None:
+        path = self.write("connectTimeout: 1s\napiTimeout: 9s\n")
+        config = self.daemon_config("--config", path, "--apitimeout", "2s", "--rejoinwait", "30s")
+        self.assertEqual(config.timeouts, NodeTimeouts(connect=1.0, api=2.0, rejoin=30.0))
+
+    def test_bad_daemon_flags_are_usage_errors_naming_the_flag(self) -> None:
+        for flag, value in (("--hangcheck", "0"), ("--connecttimeout", "x"), ("--rejoinwait", "-1s")):
+            error = self.assertRaises(usage.UsageError, self.daemon_config, flag, value)
+            self.assertIn(flag, str(error))
+
+    def test_the_daemon_s_engine_and_connections_use_them(self) -> None:
+        """build_service hands the timeouts to the engine and the connect timeout to its HTTP agent."""
+        config = self.daemon_config("--connecttimeout", "1.5s", "--hangcheck", "2s", "--listen", "127.0.0.1")
+        parts = build_daemon(config, MemoryReactorClock())
+        self.assertEqual(parts.engine.timeouts, NodeTimeouts(connect=1.5, hang_check=2.0))
+        agent = parts.engine.http._agent
+        self.assertEqual(agent._endpointFactory._connectTimeout, 1.5)
+
+    def test_dfdaemon_s_engine_uses_them(self) -> None:
+        config = DfdaemonFileConfig(home=self.mktemp(), timeouts=NodeTimeouts(api=2.0, connect=0.5))
+        parts = build_dfdaemon(config, MemoryReactorClock())
+        self.assertEqual(parts.engine.timeouts, NodeTimeouts(api=2.0, connect=0.5))
+        self.assertEqual(parts.engine.http._agent._endpointFactory._connectTimeout, 0.5)

@@ -18,6 +18,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from dfly import codes
+from dfly.config import NodeTimeouts
 from dfly.peer.nodehealth import FAILURES, SKIP_FOR, NodeHealth
 from dfly.placement import rendezvous_order, task_key
 from dfly.supernode.api import parse_registration
@@ -141,7 +142,7 @@ class HungSupernodeTests(IntegrationTestCase):
         await self.start_supernode()
         hung = await self.hung_node()
         nodes = (hung, *self.nodes)
-        self.engine.hang_check, self.engine.ping_timeout = 0.5, 0.5
+        self.engine.timeouts, self.engine.ping_timeout = NodeTimeouts(hang_check=0.5), 0.5
         served = self.url_placed_first_on(hung, nodes, "first")
         req = self.request(served.url, nodes=nodes, back_source=False)
         started = reactor.seconds()
@@ -155,7 +156,7 @@ class HungSupernodeTests(IntegrationTestCase):
         await self.start_supernode()
         hung = await self.hung_node()
         nodes = (hung, *self.nodes)
-        self.engine.hang_check, self.engine.ping_timeout = 0.5, 0.5
+        self.engine.timeouts, self.engine.ping_timeout = NodeTimeouts(hang_check=0.5), 0.5
         first = self.url_placed_first_on(hung, nodes, "a")
         self.assertTrue((await self.download(self.request(first.url, nodes=nodes, back_source=False))).success)
         seen = self.hung_connections
@@ -170,7 +171,7 @@ class HungSupernodeTests(IntegrationTestCase):
     async def test_slow_source_behind_a_live_supernode_is_not_taken_for_a_hang(self) -> None:
         """The supernode answers /_ping while it waits 1.5 s for a slow source: the registration keeps waiting."""
         await self.start_supernode()
-        self.engine.hang_check, self.engine.ping_timeout = 0.2, 0.5
+        self.engine.timeouts, self.engine.ping_timeout = NodeTimeouts(hang_check=0.2), 0.5
         body = os.urandom(3000)
         factory = ClosingFactory(server.Site(SlowHeaders(body, 1.5)))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")

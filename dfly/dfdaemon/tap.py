@@ -180,10 +180,10 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
 
     # The engine's own fetches (back to source) trust what the proxy trusts.
     policy = upstream_policy(config.ca_bundle, config.insecure)
-    http, pool = make_http_client(reactor, policy)
+    http, pool = make_http_client(reactor, policy, connect_timeout=config.timeouts.connect)
     limit = HostLimit(config.ratelimit, reactor)
     uploads = UploadStore(reactor, limit.tx)
-    engine = PeerEngine(reactor, http, home, uploads=uploads, limit=limit)
+    engine = PeerEngine(reactor, http, home, uploads=uploads, limit=limit, timeouts=config.timeouts)
     token = secrets.token_hex(16)
     # The embedded local API parses JSON: bounded bodies.  The proxy port
     # below relays registry uploads of many MiB and keeps its plain Site.

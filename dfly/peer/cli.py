@@ -31,6 +31,7 @@ from dfly.config import (
     DEFAULT_DFGET_CONFIG,
     Home,
     default_home,
+    NodeTimeouts,
     load_dfget_config,
     parse_duration,
     parse_nodes,
@@ -130,6 +131,7 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
     digest = parse_digest(opts["digest"]) if opts["digest"] else None
     config_path = opts["config"]
     file_config = load_dfget_config(config_path, required=config_path != DEFAULT_DFGET_CONFIG)
+    opts["timeouts"] = file_config.timeouts  # for a download in this process (no daemon)
     nodes = parse_nodes(opts["node"]) if opts["node"] else file_config.nodes
     output = opts["output"]
     if not output:
@@ -284,7 +286,8 @@ def download_via_daemon(meta: dict[str, Any], req: DownloadRequest, show: Show) 
     return None
 
 
-def download_in_process(home: Home, req: DownloadRequest, show: Show) -> DownloadResult:
+def download_in_process(home: Home, req: DownloadRequest, show: Show,
+                        timeouts: NodeTimeouts = NodeTimeouts()) -> DownloadResult:
     """No daemon could run: the same engine, in this process, for this one download."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
@@ -299,9 +302,9 @@ def download_in_process(home: Home, req: DownloadRequest, show: Show) -> Downloa
     results: list[Any] = []
 
     async def go() -> None:
-        http, pool = make_http_client(reactor)
+        http, pool = make_http_client(reactor, connect_timeout=timeouts.connect)
         try:
-            results.append(await PeerEngine(reactor, http, home).download(req, show))
+            results.append(await PeerEngine(reactor, http, home, timeouts=timeouts).download(req, show))
         finally:
             await pool.closeCachedConnections()
 
@@ -369,7 +372,7 @@ def run(opts: Options) -> int:
                                         "the peer daemon stopped during the download")
         else:
             log.write("info", "no peer daemon: downloading in this process")
-            result = download_in_process(home, req, show)
+            result = download_in_process(home, req, show, opts.get("timeouts", NodeTimeouts()))
     except KeyboardInterrupt:
         # Closing our connection is what cancels the daemon's download.
         print("dfget: interrupted", file=sys.stderr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 import hyperlink
@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 
 import dfly
 from dfly import codes
-from dfly.config import Home, format_node
+from dfly.config import Home, NodeTimeouts, format_node
 from dfly.httpclient import BodyTooLarge, read_limited
 from dfly.jsonapi import parse_json
 from dfly.logs import CLIENT_NAMESPACE
@@ -42,6 +42,7 @@ from dfly.stream import BodyWriter, RunBlocking, StreamError, WriteError, thread
 from dfly.peer import resume, storage
 from dfly.peer.flow import DownloadFlow, Input, State
 from dfly.peer.nodehealth import NodeHealth
+from dfly.peer.nodenames import NodeNames
 from dfly.peer.resume import PieceMap, RecordWriter
 from dfly.placement import rendezvous_order, task_key
 from dfly.peer.request import DownloadRequest, DownloadResult
@@ -135,6 +136,7 @@ class _Run:
     pmap: PieceMap = attrs.field(default=None)  # the verified pieces and their sha256
     record: RecordWriter | None = None  # keeps ``pmap`` in data/ (None: this download is not resumable)
     running: dict[int, Deferred[None]] = attrs.Factory(dict)
+    nodes: tuple[tuple[str, int], ...] = ()  # the addresses behind req.nodes at the last registration
     writers: set[BodyWriter] = attrs.Factory(set)  # piece bodies still writing (even when cancelled)
     failures: int = 0
     fatal: str = ""  # the swarm failed: back to source
@@ -202,13 +204,12 @@ class PeerEngine:
     home: Home
     port: int = 0  # where this peer serves pieces; 0 = not serving
     ip: str | None = None  # advertised IP; None = the address that reaches the supernode
-    api_timeout: float = 10.0
-    register_timeout: float = 60.0  # a registration waits for the source's headers: long ...
-    hang_check: float = 3.0  # ... but after this long without an answer the supernode is pinged,
-    ping_timeout: float = 2.0  # and one that does not answer that either is taken for hung
+    timeouts: NodeTimeouts = NodeTimeouts()  # connect, API, hang check, rejoin (dfget.yml, daemon flags)
+    register_timeout: float = 60.0  # a registration waits for the source's headers: long, but the
+    ping_timeout: float = 2.0  # node is pinged after timeouts.hang_check, and one that does not answer is hung
     health: NodeHealth = attrs.field(default=None)  # nodes that failed lately, shared by all downloads
+    names: NodeNames = attrs.field(default=None)  # node names to addresses, looked up again every 30 s
     poll_timeout: float = 30.0  # how long the supernode may hold our pull (sent as its ``wait``)
-    rejoin_wait: float = 10.0  # a migration retries the nodes this long (a restarting supernode) before the source
     idle_timeout: float = 30.0
     source: SourceClient = attrs.field(default=None)
     run_blocking: RunBlocking = attrs.field(default=None)  # where hashing and disk writes run
@@ -228,6 +229,8 @@ class PeerEngine:
             self.limit = HostLimit(0, self.reactor)
         if self.health is None:
             self.health = NodeHealth(self.reactor)
+        if self.names is None:
+            self.names = NodeNames(self.reactor, timeout=self.timeouts.connect)
 
     def download(self, req: DownloadRequest, emit: Emit = lambda event: None) -> Deferred[DownloadResult]:
         """Run one download to its end; fires with the result (failures too).
@@ -463,7 +466,7 @@ class PeerEngine:
         else:
             while True:
                 try:
-                    node, cid, reg = await self._register(run, patience=self.rejoin_wait if flow.migrations else 0.0)
+                    node, cid, reg = await self._register(run, patience=self.timeouts.rejoin if flow.migrations else 0.0)
                 except _P2PFailed as e:
                     reason, error = e.reason, e.error
                     flow.handle(Input.NODES_FAILED, error)
@@ -477,7 +480,7 @@ class PeerEngine:
                     await self._stop_pieces(run)
                     _stop_if_cancelled(run)
                     self.health.failed(node, e.error, down=e.down)
-                    if flow.migrations >= self.max_migrations(req):
+                    if flow.migrations >= self.max_migrations(run.nodes):
                         reason, error = codes.REASON_DOWNLOAD_ERROR, f"{e.error} (after {flow.migrations} migrations)"
                         flow.handle(Input.P2P_FAILED, error)
                         break
@@ -508,9 +511,9 @@ class PeerEngine:
         flow.handle(Input.COMPLETE)
         return reason
 
-    def max_migrations(self, req: DownloadRequest) -> int:
+    def max_migrations(self, nodes: Sequence[tuple[str, int]]) -> int:
         """Moves one download may make: each node twice (a restart, then its death), and one more."""
-        return 2 * len(set(req.nodes)) + 1
+        return 2 * len(set(nodes)) + 1
 
     async def _stop_pieces(self, run: _Run) -> None:
         """Cancel the running pieces and wait until none of their bytes can still land in the file."""
@@ -529,7 +532,7 @@ class PeerEngine:
         url = hyperlink.URL(scheme="http", host=host, port=port, path=tuple(path.strip("/").split("/")))
         for key, value in params.items():
             url = url.add(key, str(value))
-        kwargs: dict[str, Any] = {"timeout": timeout or self.api_timeout, "reactor": self.reactor}
+        kwargs: dict[str, Any] = {"timeout": timeout or self.timeouts.api, "reactor": self.reactor}
         if body is not None:
             kwargs["data"] = json.dumps(body).encode()
             kwargs["headers"] = {"Content-Type": "application/json"}
@@ -583,12 +586,12 @@ class PeerEngine:
 
         def check() -> None:
             timer.clear()
-            if self.reactor.seconds() - self._heard.get(node, float("-inf")) >= self.hang_check:
+            if self.reactor.seconds() - self._heard.get(node, float("-inf")) >= self.timeouts.hang_check:
                 pinging.append(Deferred.fromCoroutine(ping()))
             if every:
-                timer.append(self.reactor.callLater(self.hang_check, check))
+                timer.append(self.reactor.callLater(self.timeouts.hang_check, check))
 
-        timer.append(self.reactor.callLater(self.hang_check, check))
+        timer.append(self.reactor.callLater(self.timeouts.hang_check, check))
         try:
             result = await call
             self._heard[node] = self.reactor.seconds()
@@ -609,7 +612,7 @@ class PeerEngine:
         """The address this host uses to reach ``node`` (what peers will dial)."""
         if self.ip:
             return self.ip
-        endpoint = HostnameEndpoint(self.reactor, node[0].encode("idna"), node[1], timeout=3)
+        endpoint = HostnameEndpoint(self.reactor, node[0].encode("idna"), node[1], timeout=self.timeouts.connect)
         factory = Factory.forProtocol(Protocol)
         factory.noisy = False
         protocol = await endpoint.connect(factory)
@@ -640,7 +643,9 @@ class PeerEngine:
         # The task's own order of the nodes (rendezvous hashing), nodes this
         # daemon saw fail lately last.
         key = task_key(req.url, req.filter, req.md5, req.identifier, req.digest)
-        for node in self.health.order(rendezvous_order(key, req.nodes)):
+        # A name may stand for several supernodes (a headless Service): each address is a node.
+        run.nodes = await self.names.expand(req.nodes)
+        for node in self.health.order(rendezvous_order(key, run.nodes)):
             where = format_node(node)
             try:
                 ip = await self._local_ip(node)
@@ -717,7 +722,7 @@ class PeerEngine:
         while True:
             self._raise_if_ended(run)
             run.pull = Deferred.fromCoroutine(self._unless_hung(node, Deferred.fromCoroutine(
-                self._api(node, "GET", "/peer/task", params, timeout=self.poll_timeout + self.api_timeout)), every=True))
+                self._api(node, "GET", "/peer/task", params, timeout=self.poll_timeout + self.timeouts.api)), every=True))
             try:
                 status, answer = await run.pull
             except Exception as e:
@@ -952,7 +957,7 @@ class PeerEngine:
         headers = Headers({"Range": [f"bytes={start}-{end}"]})
         try:
             response = await self.http.get(url.to_text(), headers=headers, unbuffered=True,
-                                           timeout=self.api_timeout, reactor=self.reactor)
+                                           timeout=self.timeouts.api, reactor=self.reactor)
         except (ConnectError, DNSLookupError) as e:
             raise _PieceFailed("unreachable", f"cannot reach {host}:{port}: {e}") from None
         except (TimeoutError, ResponseFailed) as e:

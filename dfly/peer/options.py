@@ -14,6 +14,7 @@ from twisted.python import usage
 import dfly
 from dfly.config import (
     DEFAULT_DFGET_CONFIG,
+    NodeTimeouts,
     check_ip,
     default_home,
     load_dfget_config,
@@ -32,6 +33,7 @@ class PeerConfig:
     alivetime: float = 300.0
     expiretime: float = 180.0
     total_limit: int = 0  # bytes/s each way for the whole host; 0 = unlimited
+    timeouts: NodeTimeouts = NodeTimeouts()
 
 
 class Options(usage.Options):
@@ -51,8 +53,22 @@ class Options(usage.Options):
         ["totallimit", None, None,
          "Limit of this host's P2P traffic in bytes/s, each way (downloads and uploads), e.g. 40M; 0 = unlimited "
          "[default: totalLimit from --config, else 0]. A dfget run given --totallimit changes it."],
-        ["config", None, DEFAULT_DFGET_CONFIG, "dfget.yml to take totalLimit from (optional at the default path)."],
+        ["connecttimeout", None, None,
+         "Give up a TCP connection (supernode, peer, source) after this long [default: connectTimeout, else 3s]."],
+        ["apitimeout", None, None,
+         "Give up a supernode API call or a peer's piece answer after this long [default: apiTimeout, else 5s]."],
+        ["hangcheck", None, None,
+         "Ping a supernode that has not answered a registration or poll for this long; one that does not "
+         "answer the ping is left for the next [default: hangCheck, else 3s]."],
+        ["rejoinwait", None, None,
+         "When a download's supernode is lost, retry the nodes this long (a restart) before going to the "
+         "source [default: rejoinWait, else 10s]."],
+        ["config", None, DEFAULT_DFGET_CONFIG,
+         "dfget.yml to take totalLimit and the timeouts from (optional at the default path)."],
     ]
+
+    #: Timeout flags and the `NodeTimeouts` field each sets.
+    timeout_flags = {"connecttimeout": "connect", "apitimeout": "api", "hangcheck": "hang_check", "rejoinwait": "rejoin"}
 
     def opt_version(self) -> None:
         print(f"dfly peer daemon {dfly.__version__}")
@@ -69,6 +85,16 @@ class Options(usage.Options):
                 except ValueError as e:
                     raise ValueError(f"--totallimit: {e}") from None
             port = parse_port_flag(self["port"], "port")
+            given = {}
+            for flag, field in self.timeout_flags.items():
+                if self[flag] is not None:
+                    try:
+                        seconds = parse_duration(self[flag])
+                    except ValueError as e:
+                        raise ValueError(f"--{flag}: {e}") from None
+                    if seconds <= 0 and flag != "rejoinwait":
+                        raise ValueError(f"--{flag}: expected a duration above 0, got {self[flag]!r}")
+                    given[field] = seconds
             self["config_obj"] = PeerConfig(
                 home=os.path.abspath(os.path.expanduser(self["home"] or default_home())),
                 port=port,
@@ -77,6 +103,7 @@ class Options(usage.Options):
                 alivetime=parse_duration(self["alivetime"]),
                 expiretime=parse_duration(self["expiretime"]),
                 total_limit=total_limit or 0,
+                timeouts=attrs.evolve(file_config.timeouts, **given),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

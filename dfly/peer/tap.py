@@ -185,10 +185,10 @@ class PeerParts:
 def build_service(config: PeerConfig, reactor: Any, on_idle: Callable[[], None] | None = None) -> PeerParts:
     home = Home(config.home)
     home.ensure()
-    http, pool = make_http_client(reactor)
+    http, pool = make_http_client(reactor, connect_timeout=config.timeouts.connect)
     limit = HostLimit(config.total_limit, reactor)
     uploads = UploadStore(reactor, limit.tx)
-    engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads, limit=limit)
+    engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads, limit=limit, timeouts=config.timeouts)
     token = secrets.token_hex(16)
     endpoint = tcp_endpoint(reactor, config.port, config.listen)
     # Other peers and local clients reach this port: request bodies are
