@@ -11,6 +11,7 @@ rules describe; a last simulation checks that every peer finishes.
 from __future__ import annotations
 
 import random
+from typing import Iterator
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -954,3 +955,43 @@ class RegressionTests(SynchronousTestCase):
             s.assign(cid)
         self.assertLessEqual(running_from(s, "h"), MAX_UPLOADS)
 
+
+class BusyCdnWalkTests(SynchronousTestCase):
+    """With the CDN busy, a pull of many pieces never walks the pieces nobody holds (bucket 0)."""
+
+    def setUp(self) -> None:
+        # h and c hold pieces 0-99; 100-999 are cached but held by nobody.
+        self.s = schedule(ready=100, cdn_limit=1)
+        for cid in ("h", "c"):
+            join(self.s, cid)
+            complete(self.s, cid)
+        self.s.piece_ready(999)
+        self.walked: list[int] = []
+        real = TaskSchedule._walk
+
+        def counted(s: TaskSchedule, center: int) -> Iterator[int]:
+            for piece in real(s, center):
+                self.walked.append(piece)
+                yield piece
+
+        self.patch(TaskSchedule, "_walk", counted)
+
+    def unheld_walked(self) -> int:
+        return sum(1 for n in self.walked if self.s.holder_count(n) == 0)
+
+    def test_busy_cdn_walk_yields_no_unheld_piece(self) -> None:
+        """The CDN full, a new peer lacking 100 held pieces walks only those it is given."""
+        self.s.assign("c")  # takes the CDN's only slot
+        self.assertFalse(self.s.cdn_free())
+        self.walked.clear()
+        join(self.s, "d")
+        chosen = self.s.assign("d")
+        self.assertEqual(
+            (len(chosen), {src for _, src in chosen} <= {"h", "c"}, self.unheld_walked(), len(self.walked)),
+            (MAX_RUNNING, True, 0, MAX_RUNNING),
+        )
+
+    def test_walk_leaves_unheld_pieces_once_the_cdn_fills(self) -> None:
+        """A peer lacking 900 unheld pieces takes the CDN's one slot, then walks none of the other 899."""
+        chosen = self.s.assign("c")
+        self.assertEqual((chosen, self.unheld_walked()), ([(100, CDN)], 1))

@@ -567,6 +567,38 @@ class RecordingService(Service):
     """Stands in for the disk pool: only whether it runs matters here."""
 
 
+class StopAnswersHeldPullsTests(LifecycleTestCase):
+    """A stop lets every held pull go with 602 and leaves no timer on the reactor."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.origin.streams[b"/live"] = TWO  # headers only: no piece is ready, every pull is held
+        self.tid = self.register_ok(f"{ORIGIN}/live")
+        self.register_ok(f"{ORIGIN}/live", cid="peer-2", ip="192.0.2.2", port=15002)
+
+    def test_stop_answers_every_held_pull_with_602(self) -> None:
+        """Held pulls (a cancelled fetch wakes them to look again) answer 602 at once, and no timer is left."""
+        held = [self.start_pull(self.tid, cid) for cid in ("peer-1", "peer-2")]
+        self.pump()
+        for d in held:
+            self.assertNoResult(d)
+        self.tasks.stop()
+        self.pump()
+        self.assertEqual(
+            ([(a.status, a.code) for a in map(self.successResultOf, held)],
+             self.tasks.held_pulls(), len(self.tasks.deadlines), self.clock.getDelayedCalls()),
+            ([(200, 602), (200, 602)], 0, 0, []),
+        )
+
+    def test_pull_after_stop_is_answered_602_at_once(self) -> None:
+        """A pull reaching a stopped supernode is not held: no deadline would ever answer it."""
+        self.tasks.stop()
+        self.pump()
+        answer = self.pull(self.tid)
+        self.assertEqual(((answer.status, answer.code), self.tasks.held_pulls(), self.clock.getDelayedCalls()),
+                         ((200, 602), 0, []))
+
+
 class ResumeTests(LifecycleTestCase):
     """/three (ETag "e1") is cut off by a restart after its first piece and a bit of the second."""
 

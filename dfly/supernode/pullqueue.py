@@ -33,7 +33,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from typing import Union
+from typing import Any, Union
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -167,13 +167,17 @@ class PullQueue:
         if d is not None:
             d.callback(why)
 
-    def wake_all(self) -> None:
-        """The task changed as a whole (its fetch ended): every held pull looks again."""
+    def wake_all(self, why: _Signal = REEVALUATE) -> None:
+        """The task changed as a whole (its fetch ended): every held pull looks again.
+
+        ``TIMED_OUT`` instead lets every one go with "wait" (the supernode
+        stops): ``REEVALUATE`` would have most hold themselves again.
+        """
         held = [*self._parked.values(), *self._hungry.values()]
         self._parked.clear()
         self._hungry.clear()
         for d in held:
-            d.callback(REEVALUATE)
+            d.callback(why)
 
     def _assign(self, cid: str) -> Assignment:
         self.counters.assign_calls += 1
@@ -194,11 +198,24 @@ class Deadlines:
 
     A pull woken before its deadline stays in the heap until then and is
     skipped (its Deferred has fired): O(log n) per hold, nothing per wake.
+
+    One entry per (queue, cid).  A pull woken with ``REEVALUATE`` that still
+    finds nothing holds itself again with a new Deferred and the same
+    deadline, and a report with nothing to assign does that on every slot
+    freed: the entry then just points at the new Deferred (O(1)), instead of
+    a new entry per re-hold (1,000 wakeups of one pull left 1,001 entries).
+    A newer pull of the cid (another deadline) leaves the old entry stale
+    (``None`` in place of its Deferred): dropped when popped, and the heap is
+    rebuilt once stale entries outnumber the live ones, so it holds at most
+    about twice as many entries as (queue, cid) pairs with a deadline to come.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self._heap: list[tuple[float, int, PullQueue, str, Deferred[Woken]]] = []
+        #: [deadline, seq, queue, cid, Deferred or None (stale)]: lists, so an entry updates in place.
+        self._heap: list[list[Any]] = []
+        self._entries: dict[tuple[PullQueue, str], list[Any]] = {}  # the live entry of each (queue, cid)
+        self._stale = 0
         self._seq = itertools.count()
         self._call: IDelayedCall | None = None
 
@@ -207,12 +224,32 @@ class Deadlines:
 
     def add(self, when: float, queue: PullQueue, cid: str, d: Deferred[Woken]) -> None:
         """Expire ``cid``'s held pull ``d`` of ``queue`` at ``when`` unless it was woken first."""
-        heapq.heappush(self._heap, (when, next(self._seq), queue, cid, d))
+        key = (queue, cid)
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry[0] == when:
+                # Held again with its deadline: the timer already covers it.
+                entry[4] = d
+                return
+            entry[4] = None
+            self._stale += 1
+        entry = [when, next(self._seq), queue, cid, d]
+        self._entries[key] = entry
+        heapq.heappush(self._heap, entry)
+        if self._stale > len(self._entries):
+            self._compact()
         delay = max(when - self.clock.seconds(), 0.0)
         if self._call is None:
             self._call = self.clock.callLater(delay, self._fire)
         elif when < self._call.getTime():
             self._call.reset(delay)
+
+    def _compact(self) -> None:
+        # In place: `_fire` may be iterating this very list (an expiry's
+        # callbacks can hold a pull again).
+        self._heap[:] = [entry for entry in self._heap if entry[4] is not None]
+        heapq.heapify(self._heap)
+        self._stale = 0
 
     def _fire(self) -> None:
         self._call = None
@@ -220,6 +257,10 @@ class Deadlines:
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, _, queue, cid, d = heapq.heappop(heap)
+            if d is None:
+                self._stale -= 1
+                continue
+            del self._entries[(queue, cid)]  # before expire: its callbacks may hold the cid again
             if not d.called:
                 queue.expire(cid, d)
         if heap and self._call is None:
@@ -230,4 +271,5 @@ class Deadlines:
             self._call.cancel()
         self._call = None
         self._heap.clear()
-
+        self._entries.clear()
+        self._stale = 0

@@ -237,12 +237,11 @@ class TaskSchedule:
         if isolated and not cdn_free:
             return []
         # What it lacks: a set difference in C, and with the CDN busy only
-        # pieces some holder can serve now, so few candidates fail.
-        lacking = self.ready_pieces - peer.have
+        # pieces some holder can serve now, so few candidates fail (then from
+        # ``available``, a subset of the ready pieces and often far smaller).
+        lacking = (self.ready_pieces if cdn_free else self.available) - peer.have
         if peer.running:
             lacking -= peer.running.keys()
-        if not cdn_free:
-            lacking &= self.available
         if not lacking:
             return []
         center = sum(peer.running) // len(peer.running) if peer.running else peer.last_piece
@@ -266,9 +265,23 @@ class TaskSchedule:
         return self._take(peer, order, need, isolated, cdn_free)
 
     def _walk(self, center: int) -> Iterator[int]:
-        """Every ready piece, rarest first, then nearest to ``center`` (lazily: a pull needs the first few)."""
-        for bucket in self.buckets.values():
-            yield from self._nearest(bucket, center)
+        """Every ready piece a source could send, rarest first, then nearest to ``center`` (lazily: a pull needs the first few).
+
+        Bucket 0 (no holder) is walked only while the CDN has a free slot:
+        nobody else can send those pieces, so with the CDN busy `_take` would
+        skip each one, and a new peer of a large file lacks thousands of them
+        (11 ms an assign instead of 0.02).  The CDN is checked again before
+        each of its pieces, since the pull's own CDN starts may fill it; it
+        cannot free up meanwhile (an assign only starts pieces).
+        """
+        for held_by, bucket in self.buckets.items():
+            if held_by:
+                yield from self._nearest(bucket, center)
+                continue
+            for piece in self._nearest(bucket, center):
+                if not self.cdn_free():
+                    break
+                yield piece
 
     def _take(self, peer: Peer, order: Iterable[int], need: int, isolated: bool, cdn_free: bool) -> list[tuple[int, str]]:
         """Start up to ``need`` of the pieces in ``order`` that have a source now, trying at most the scan budget."""

@@ -194,6 +194,7 @@ class TaskManager:
     _idle: "OrderedDict[str, float]" = attrs.Factory(OrderedDict)
     #: base id -> the ids of its versions in memory, oldest first.
     _versions: dict[str, dict[str, None]] = attrs.Factory(dict)
+    _stopped: bool = attrs.field(default=False, init=False)  # stop() ran: no pull is held any more
 
     def __attrs_post_init__(self) -> None:
         self.access = SourceAccess(self.clock, self.access_ttl, self.fail_access_interval)
@@ -559,7 +560,7 @@ class TaskManager:
         except ApiError:
             self._pull_ended(task, peer)
             raise
-        if answer is None and hold > 0:
+        if answer is None and hold > 0 and not self._stopped:
             return self._held(task, peer, cdn_ip, cdn_port, self.clock.seconds() + hold)
         self._pull_ended(task, peer)
         return answer or (codes.PEER_WAIT, None)
@@ -634,7 +635,8 @@ class TaskManager:
                     return
                 if result is not None:
                     end(result)
-                elif self.clock.seconds() >= deadline:
+                elif self._stopped or self.clock.seconds() >= deadline:
+                    # Held again after a stop, no timer would ever answer it.
                     end((codes.PEER_WAIT, None))
                 else:
                     hold()
@@ -801,7 +803,13 @@ class TaskManager:
         Fires when every cancelled fetch has ended, its file closed and its
         last ``.meta`` written: the disk pool must not stop before that, or
         the resumable state of the last pieces is lost.
+
+        Every held pull is answered "wait" (602) at once, as at its deadline,
+        and no new one is held: the deadlines' timer is cancelled here, so a
+        pull held after this (or held again on ``REEVALUATE``, as a
+        cancelled fetch's end wakes them) would never be answered.
         """
+        self._stopped = True
         ending: list[Deferred[None]] = []
         for task in list(self.tasks.values()):
             if task.fetch.running:
@@ -809,7 +817,7 @@ class TaskManager:
                 task.fetch.ended.addBoth(lambda result, done=done: (done.callback(None), result)[1])
                 ending.append(done)
             task.fetch.cancel()
-            task.queue.wake_all()
+            task.queue.wake_all(TIMED_OUT)
         self.deadlines.stop()
         return gatherResults(ending).addCallback(lambda _: None)
 
