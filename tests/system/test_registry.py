@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -52,6 +53,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from dfly.config import parse_node
+from dfly.placement import rendezvous_order, task_key
 from tests.oci import make_image
 from tests.system.test_processes import TWISTD
 
@@ -235,6 +238,7 @@ class RegistryTestCase(TestCase):
         self.work = os.path.abspath(self.mktemp())
         os.makedirs(self.work)
         self.addCleanup(shutil.rmtree, self.work, True)
+        self.supernodes: dict[str, Child] = {}
 
     def env(self, **extra: str) -> dict[str, str]:
         """Our environment without proxies and with HOME in the test's directory, plus ``extra``."""
@@ -311,16 +315,18 @@ class RegistryTestCase(TestCase):
             f"oci:{image}:v1", f"docker://127.0.0.1:{self.registry_port}/test/app:1"], self.env())
         self.assertEqual(code, 0, output)
 
-    async def start_supernode(self, *args: str) -> str:
-        """A fresh ``twistd supernode`` on 127.0.0.1; its API as ``host:port``."""
-        supernode = self.spawn("supernode", [
+    async def start_supernode(self, *args: str, name: str = "supernode") -> str:
+        """A fresh ``twistd supernode`` on 127.0.0.1 (its home ``work/name``); its API as ``host:port``."""
+        supernode = self.spawn(name, [
             *TWISTD, "-n", "--pidfile=", "-l", "-", "supernode", "--port", "0", "--download-port", "0",
-            "--listen", "127.0.0.1", "--advertise-ip", "127.0.0.1", "--home", os.path.join(self.work, "supernode"),
+            "--listen", "127.0.0.1", "--advertise-ip", "127.0.0.1", "--home", os.path.join(self.work, name),
             *args,
         ], self.env())
         await supernode.wait_for(rb"CDN listening on 127\.0\.0\.1:\d+")
         match = await supernode.wait_for(rb"register API listening on 127\.0\.0\.1:(\d+)")
-        return f"127.0.0.1:{int(match.group(1))}"
+        node = f"127.0.0.1:{int(match.group(1))}"
+        self.supernodes[node] = supernode
+        return node
 
     async def start_dfdaemon(self, name: str, node: str, *args: str, **env: str) -> tuple[Child, int, str]:
         """``twistd dfdaemon`` with its home in ``work/name``: the process, its proxy port, its dfdaemon.log path."""
@@ -410,6 +416,43 @@ class MirrorTests(RegistryTestCase):
             self.assertTrue(any(cid.startswith(f"127.0.0.1-{first.pid}-") for cid in sources),
                             f"host 2 got no piece of {layer['digest']} from host 1 (pid {first.pid}): {sources}")
             self.assertGreater(uploaded_bytes(host1_log, task_id), 0, f"host 1 uploaded nothing of {task_id}")
+        await self.assert_registry_served_each_blob_once(registry, image)
+
+
+class HungSupernodeTests(RegistryTestCase):
+    """A supernode that takes connections and never answers (SIGSTOP) costs a pull seconds, not minutes."""
+
+    async def test_pull_through_dfdaemon_skips_a_hung_supernode(self) -> None:
+        registry = await self.start_registry()
+        good = await self.start_supernode(name="good")
+        hung = await self.start_supernode(name="hung")
+        nodes = tuple(parse_node(node) for node in (hung, good))
+        # An image with a layer the rendezvous order gives the hung node first
+        # (blob tasks are keyed by the registry and the digest).
+        for attempt in range(20):
+            root = os.path.join(self.work, f"image{attempt}")
+            image = make_image(root, layer_size=MIB)
+            first = [rendezvous_order(task_key(f"http://127.0.0.1:{self.registry_port}/v2/test/app/blobs/{b['digest']}",
+                                               digest=("sha256", b["digest"][7:])), nodes)[0] for b in image["blobs"]]
+            if parse_node(hung) in first:
+                break
+        else:
+            raise AssertionError("no image with a blob placed on the hung node in 20 tries")
+        await self.push(root)
+        stopped = self.supernodes[hung]
+        os.kill(stopped.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(stopped.pid, signal.SIGCONT) if not stopped.ended.called else None)
+        _, port, log = await self.start_dfdaemon("host", f"{hung},{good}",
+                                                 "--registry", f"http://127.0.0.1:{self.registry_port}")
+        # Before: 60 s a blob; the deadline is 30 s for the whole pull.
+        code, said = await self.pull(self.mirror_conf(port), "unreachable.invalid/test/app:1",
+                                     os.path.join(self.work, "out"))
+        self.assertEqual(code, 0, said)
+        self.assert_image(os.path.join(self.work, "out"), image)
+        self.assert_via_p2p(log, f"http://127.0.0.1:{self.registry_port}", image)
+        attempts = re.findall(r"do register to %s failed: (.*)" % re.escape(hung), self.read(log))
+        # Only the blobs asked for while the node was not yet known hung tried it.
+        self.assertTrue(1 <= len(attempts) <= first.count(parse_node(hung)), attempts)
         await self.assert_registry_served_each_blob_once(registry, image)
 
 
