@@ -754,3 +754,8 @@ class TimeoutConfigTests(SynchronousTestCase):
         parts = build_dfdaemon(config, MemoryReactorClock())
         self.assertEqual(parts.engine.timeouts, NodeTimeouts(api=2.0, connect=0.5))
         self.assertEqual(parts.engine.http._agent._endpointFactory._connectTimeout, 0.5)
+
+    def test_etc_dfget_yml_states_the_defaults(self) -> None:
+        """The example file shows the timeouts the code uses without it."""
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "dfget.yml")
+        self.assertEqual(load_dfget_config(path).timeouts, NodeTimeouts())

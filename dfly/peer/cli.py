@@ -89,7 +89,7 @@ class Options(usage.Options):
         self["header"] = []
 
     def opt_node(self, value: str) -> None:
-        """Supernode host[:port] (default port 8002); repeat or separate with commas."""
+        """Supernode host[:port] (default port 8002); repeat or separate with commas. Each task goes to the node its hash picks; the others are fallbacks."""
         self["node"].append(value)
 
     opt_n = opt_node
