@@ -305,23 +305,25 @@ def start_origin(children: Children, host: Host, directory: str, rate: int) -> O
     return Origin(children.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE), host)
 
 
-def start_supernode(children: Children, host: Host, home: str, rate: int) -> tuple[str, int]:
-    """A fresh supernode limited to ``rate`` bytes/s each way (0: unlimited); its API ``ip:port`` and its pid."""
+def start_supernode(children: Children, host: Host, home: str, rate: int, port: int = 0,
+                    download_port: int = 0) -> tuple[str, int]:
+    """A supernode limited to ``rate`` bytes/s each way (0: unlimited); its API ``ip:port`` and its pid.
+
+    ``port`` and ``download_port`` 0 pick free ones.  Given an existing
+    ``home`` (and the same ports) it is a restart: the cache there is kept.
+    """
     log = os.path.join(home, "twistd.log")
-    os.makedirs(home)
+    os.makedirs(home, exist_ok=True)
+    earlier = len(read_text(log))  # a restart appends to the log of the last start
     limits = ["--max-bandwidth", str(rate), "--max-upload-bandwidth", str(rate)]  # 0: unlimited, whatever a yml says
     process = children.start(host.command([
-        *TWISTD, "-n", "--pidfile=", "-l", log, "supernode", "--port", "0", "--download-port", "0",
+        *TWISTD, "-n", "--pidfile=", "-l", log, "supernode", "--port", str(port), "--download-port", str(download_port),
         "--listen", host.ip, "--advertise-ip", host.ip, "--home", home, *limits]))
 
     def api_port() -> int | None:
         if process.poll() is not None:
             raise SystemExit(f"cluster: the supernode exited, see {log}")
-        try:
-            with open(log) as f:
-                match = re.search(r"register API listening on [\d.]+:(\d+)", f.read())
-        except OSError:
-            return None
+        match = re.search(r"register API listening on [\d.]+:(\d+)", read_text(log)[earlier:])
         return int(match.group(1)) if match else None
 
     return f"{host.ip}:{wait_for(api_port, 'the supernode')}", process.pid

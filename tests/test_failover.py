@@ -14,12 +14,15 @@ from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.iweb import IRequest
 
 from dfly import codes
@@ -35,7 +38,7 @@ from dfly.config import (
 from dfly.dfdaemon.tap import build_service as build_dfdaemon
 from dfly.httpclient import make_http_client
 from dfly.peer import resume
-from dfly.peer.engine import DownloadRequest, DownloadResult, PeerEngine
+from dfly.peer.engine import DownloadRequest, DownloadResult, PeerEngine, _describe_error
 from dfly.peer.nodenames import NodeNames
 from dfly.peer.options import Options as DaemonOptions
 from dfly.peer.tap import build_service as build_daemon
@@ -694,6 +697,62 @@ class EngineUnitTests(SynchronousTestCase):
     def test_max_migrations_follows_the_node_list(self) -> None:
         engine = PeerEngine(Clock(), None, Home(self.mktemp()), run_blocking=run_inline)
         self.assertEqual(engine.max_migrations((("a", 1), ("b", 1), ("a", 1))), 5)
+
+    def test_a_hang_is_found_within_hang_check_and_ping_of_the_last_answer(self) -> None:
+        """A call that began before the node's last answer is checked hang_check s after that answer.
+
+        Before, the one check at hang_check s after the call began saw the
+        recent answer and never looked again: such a call (a piece report)
+        waited for its whole API timeout.
+        """
+        clock = Clock()
+        engine = PeerEngine(clock, _SilentHttp(clock), Home(self.mktemp()), run_blocking=run_inline)
+        engine.timeouts, engine.ping_timeout = NodeTimeouts(hang_check=3.0), 2.0
+        node = ("127.0.0.1", 1)
+        clock.advance(1.0)
+        call: Deferred[Any] = Deferred()  # the node never answers it
+        outcome: list[Any] = []
+        Deferred.fromCoroutine(engine._unless_hung(node, call)).addBoth(outcome.append)
+        clock.advance(1.5)
+        engine._heard[node] = clock.seconds()  # t = 2.5: another call's answer, the node's last
+        clock.advance(3.0 - 1e-6)
+        self.assertEqual((outcome, engine.http.asked), ([], 0))  # t < 5.5: not quiet for 3 s yet
+        clock.advance(2e-6)
+        self.assertEqual(engine.http.asked, 1)  # t = 5.5: pinged
+        clock.advance(2.0)  # t = 7.5: the ping went unanswered
+        self.assertEqual(len(outcome), 1)
+        self.assertIn("does not answer, not even /_ping", outcome[0].getErrorMessage())
+
+
+class _SilentHttp:
+    """An HTTP client whose requests are never answered: each fails at its timeout, as treq's do."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock, self.asked = clock, 0
+
+    def get(self, url: str, timeout: float, reactor: Any) -> Deferred[Any]:
+        self.asked += 1
+        # Cancelling a sent request fails it as Twisted's HTTP client does.
+        d: Deferred[Any] = Deferred(lambda d: d.errback(ResponseNeverReceived([Failure(CancelledError())])))
+        self.clock.callLater(timeout, d.cancel)
+        return d
+
+
+class SilentNodeTests(IntegrationTestCase):
+    """The words a migration logs when a supernode lets an API call time out."""
+
+    async def test_a_timed_out_call_is_described(self) -> None:
+        """treq's timeout cancels the request; its reason has no message of its own."""
+        silent = ClosingFactory(Factory.forProtocol(Protocol))  # takes the request, answers nothing
+        port = reactor.listenTCP(0, silent, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(silent.close_all)
+        http, pool = make_http_client(reactor, connect_timeout=1.0)
+        self.addCleanup(pool.closeCachedConnections)
+        url = f"http://127.0.0.1:{port.getHost().port}/peer/piece/suc"
+        with self.assertRaises(Exception) as caught:
+            await http.get(url, timeout=0.2, reactor=reactor)
+        self.assertEqual(_describe_error(caught.exception), "no answer within the API timeout")
 
 
 

@@ -585,9 +585,16 @@ class PeerEngine:
                 call.cancel()
 
         def check() -> None:
+            # Quiet for hang_check s: ping.  Heard from lately (another call's
+            # answer): look again hang_check s after that answer, not a whole
+            # hang_check from now, so a node that hangs is found within
+            # hang_check + ping_timeout of its last answer, whatever the phase.
             timer.clear()
-            if self.reactor.seconds() - self._heard.get(node, float("-inf")) >= self.timeouts.hang_check:
-                pinging.append(Deferred.fromCoroutine(ping()))
+            quiet = self.reactor.seconds() - self._heard.get(node, float("-inf"))
+            if quiet < self.timeouts.hang_check:
+                timer.append(self.reactor.callLater(self.timeouts.hang_check - quiet, check))
+                return
+            pinging.append(Deferred.fromCoroutine(ping()))
             if every:
                 timer.append(self.reactor.callLater(self.timeouts.hang_check, check))
 
@@ -1115,8 +1122,16 @@ def _describe_error(e: BaseException) -> str:
     if isinstance(e, _P2PFailed):
         return e.error
     if isinstance(e, ResponseFailed) and e.reasons:
-        return "; ".join(r.getErrorMessage() for r in e.reasons)
-    return str(e) or type(e).__name__
+        # A timeout cancels the request: its reason, a CancelledError, has no message.
+        return "; ".join(r.getErrorMessage() or _no_answer(r.value) for r in e.reasons)
+    return str(e) or _no_answer(e)
+
+
+def _no_answer(e: BaseException) -> str:
+    """Words for an error without a message (a cancelled request: the API timeout ran out)."""
+    if isinstance(e, CancelledError):
+        return "no answer within the API timeout"
+    return type(e).__name__
 
 
 def _stop_if_cancelled(run: _Run) -> None:
