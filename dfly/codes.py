@@ -19,6 +19,7 @@ NEED_AUTH = 608
 SOURCE_ERROR = 610  # the CDN fetch broke after registration
 PIECE_REPORTED = 611
 PEER_DOWN = 612
+SOURCE_REFUSED = 613  # dfly: the supernode's source policy refuses the URL (SSRF defence)
 
 # Piece results a peer reports.
 PIECE_FAILED = 500

@@ -309,6 +309,7 @@ class SupernodeFileConfig:
     disk_threads: int = 4
     access_log: bool = False  # one log line per HTTP request on both ports
     scheduler: Mapping[str, Any] = attrs.field(factory=dict)  # checked by dfly.supernode.policy
+    sources: Mapping[str, Any] = attrs.field(factory=dict)  # allow/deny, checked by dfly.supernode.sources
 
 
 def _bool(value: Any) -> bool:
@@ -354,6 +355,7 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "diskThreads": ("disk_threads", parse_count),
     "accessLog": ("access_log", _bool),
     "scheduler": ("scheduler", _mapping),
+    "sources": ("sources", _mapping),
 }
 
 

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
+from dfly.connectguard import Guard, GuardedEndpointFactory
 from dfly.source import abort_body
 
 
@@ -33,11 +34,14 @@ class QuietConnectionPool(HTTPConnectionPool):
 
 
 def make_http_client(reactor: Any, policy: IPolicyForHTTPS | None = None,
-                     connect_timeout: float | None = None) -> tuple[HTTPClient, HTTPConnectionPool]:
+                     connect_timeout: float | None = None, guard: Guard | None = None,
+                     ) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client and its pool; close the pool (``closeCachedConnections``) on stop.
 
     ``connect_timeout`` bounds each TCP connection attempt (None: the
     reactor's default of 30 s): a peer moves on from a dead address fast.
+    ``guard`` is asked about every address before it is dialled
+    (`dfly.connectguard`): the supernode's source policy.
 
     treq keeps a cookie jar per client; one client fetches for every caller
     (the supernode's source fetches carry each caller's credentials), so a
@@ -46,8 +50,11 @@ def make_http_client(reactor: Any, policy: IPolicyForHTTPS | None = None,
     """
     pool = QuietConnectionPool(reactor, persistent=True)
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    agent = Agent(reactor, contextFactory=policy or BrowserLikePolicyForHTTPS(), pool=pool,
-                  connectTimeout=connect_timeout)
+    tls = policy or BrowserLikePolicyForHTTPS()
+    if guard is not None:
+        agent = Agent.usingEndpointFactory(reactor, GuardedEndpointFactory(reactor, guard, tls, connect_timeout), pool)
+    else:
+        agent = Agent(reactor, contextFactory=tls, pool=pool, connectTimeout=connect_timeout)
     return HTTPClient(agent, cookiejar=no_cookies), pool
 
 

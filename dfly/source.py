@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from dfly import codes
+from dfly.connectguard import ConnectRefused
 from dfly.urls import redact_userinfo
 
 #: Headers a client may not make us send upstream: they describe our hop.
@@ -150,6 +151,8 @@ class SourceClient:
             )
         except CancelledError:
             raise SourceError(codes.SOURCE_FAILED, f"source {url} did not answer within {self.timeout:g}s") from None
+        except ConnectRefused as e:  # the source policy: no request was sent
+            raise SourceError(codes.SOURCE_REFUSED, e.args[0], 403) from None
         except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed) as e:
             if isinstance(e, ResponseFailed) and any(r.check(CancelledError) for r in e.reasons):
                 # treq's timeout cancels the request, which surfaces wrapped.

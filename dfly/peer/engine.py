@@ -697,7 +697,7 @@ class PeerEngine:
                 msg = "a success without registration data"
                 self.health.failed(node, msg)
             errors.append(f"{where}: {msg}")
-            if code == codes.URL_NOT_REACHABLE or status == 400:
+            if code in (codes.URL_NOT_REACHABLE, codes.SOURCE_REFUSED) or status == 400:
                 return True  # another supernode would hear the same from the source
         return False
 

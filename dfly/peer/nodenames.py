@@ -14,17 +14,14 @@ the connection to it reports why it fails.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Sequence
 
 import attrs
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHostResolution, IResolutionReceiver
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from dfly.logs import CLIENT_NAMESPACE
+from dfly.resolve import is_address, lookup
 
 log = Logger(namespace=CLIENT_NAMESPACE)
 
@@ -32,35 +29,6 @@ Node = tuple[str, int]
 
 #: How long one lookup of a name is used (seconds).
 RESOLVE_EVERY = 30.0
-
-
-@implementer(IResolutionReceiver)
-class _Collect:
-    """Gathers one lookup's addresses: IPv4 ones when there are any (the usual cluster), else IPv6."""
-
-    def __init__(self) -> None:
-        self.done: Deferred[tuple[str, ...]] = Deferred()
-        self.v4: list[str] = []
-        self.v6: list[str] = []
-
-    def resolutionBegan(self, resolution: IHostResolution) -> None:
-        pass
-
-    def addressResolved(self, address: Any) -> None:
-        found = self.v4 if isinstance(address, IPv4Address) else self.v6
-        if address.host not in found:
-            found.append(address.host)
-
-    def resolutionComplete(self) -> None:
-        self.done.callback(tuple(sorted(self.v4 or self.v6)))
-
-
-def is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 @attrs.define(eq=False)
@@ -106,9 +74,9 @@ class NodeNames:
         return mine
 
     def _lookup(self, name: str) -> Deferred[tuple[str, ...]]:
-        collect = _Collect()
-        self.reactor.nameResolver.resolveHostName(collect, name, 0, addressTypes=[IPv4Address, IPv6Address])
-        lookup = collect.done.addTimeout(self.timeout, self.reactor)
+        # IPv4 addresses when there are any (the usual cluster), else IPv6.
+        answer = lookup(self.reactor, name).addCallback(lambda found: tuple(sorted(found.v4 or found.v6)))
+        answer.addTimeout(self.timeout, self.reactor)
 
         def done(result: Any) -> tuple[str, ...]:
             self._pending.pop(name, None)
@@ -127,4 +95,4 @@ class NodeNames:
             log.warn("cannot look up supernode name {name} ({why})", name=name, why=why)
             return (name,)
 
-        return lookup.addBoth(done)
+        return answer.addBoth(done)

@@ -39,6 +39,7 @@ from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
 from dfly.supernode.diskgc import DiskQuota
 from dfly.supernode.policy import policy_from_mapping
+from dfly.supernode.sources import describe as describe_sources, parse_sources
 from dfly.supernode.tasks import Limits, TaskManager
 
 log = Logger(namespace="dfly.supernode")
@@ -138,6 +139,7 @@ def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
     config = attrs.evolve(config, **changes)
     try:
         policy_from_mapping(config.scheduler)
+        parse_sources(config.sources, config.listen)
     except ValueError as e:
         raise ValueError(f"config file {path}: {e}") from None
     if config.ca_bundle is not None:
@@ -222,7 +224,10 @@ class SupernodeParts:
 
 def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     os.makedirs(os.path.join(config.home, "logs"), exist_ok=True)
-    http, pool = make_http_client(reactor, upstream_policy(config.ca_bundle, False))
+    sources = parse_sources(config.sources, config.listen)
+    for line in describe_sources(sources):
+        log.info("source policy: {policy}", policy=line)
+    http, pool = make_http_client(reactor, upstream_policy(config.ca_bundle, False), guard=sources.refusal)
     cache = CdnCache(config.home)
     disk = DiskPool(reactor, config.disk_threads)
     tasks = TaskManager(

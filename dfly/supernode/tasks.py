@@ -499,7 +499,7 @@ class TaskManager:
         if error.code == codes.URL_NOT_REACHABLE:
             self.access.remember_missing(task_id, error.reason)
             raise ApiError(404, error.code, error.reason)
-        if error.code == codes.NEED_AUTH:
+        if error.code in (codes.NEED_AUTH, codes.SOURCE_REFUSED):
             raise ApiError(403, error.code, error.reason)
         raise ApiError(502, error.code, error.reason)
 
