@@ -99,20 +99,32 @@ def task_url(url: str, filter_keys: Iterable[str] = ()) -> str:
 
 
 def registration_task_url(url: str, filter_keys: Iterable[str] = (), digest: tuple[str, str] | None = None) -> str:
-    """What a registration's task is named by: the URL without filter keys, or, with a digest, origin + digest.
+    """What a registration's task is named by: the URL without filter keys, or origin + digest.
 
-    A digest makes the task content-addressed within one origin: the same
-    bytes are one task whatever path or signed query they were asked by on
-    that server.  The origin stays in the identity: a caller may only reach
-    bytes through a server that grants it them (the access probe asks the
-    caller's own URL), so another server must never unlock them.  The
-    supernode names tasks with this, and peers place tasks on supernodes
-    with it (`dfly.placement`), so both must compute the same.
+    A digest makes the task content-addressed within one origin (the same
+    bytes are one task whatever repository or signed query they were asked
+    by on that server), but only when the URL's last path segment names that
+    same digest, as a registry's ``/v2/<name>/blobs/sha256:<hex>`` does.
+    Then the access probe, which asks the caller's own URL, asks the registry
+    exactly "may this caller read this digest in this repository": a "yes"
+    means the caller may read these bytes.  A digest the path does not name
+    is only a check of the bytes: otherwise a caller who can read any blob
+    would register its URL with a private layer's digest and be handed the
+    private bytes.  The origin stays in the identity, so another server
+    never unlocks them.  The supernode names tasks with this, and peers
+    place tasks on supernodes with it (`dfly.placement`), so both must
+    compute the same.
     """
-    if digest is None:
+    if digest is None or not names_digest(url, digest):
         return task_url(url, filter_keys)
     parsed = hyperlink.URL.from_text(url)
     return f"{parsed.scheme}://{parsed.host.lower()}:{parsed.port}#{digest[0]}:{digest[1]}"
+
+
+def names_digest(url: str, digest: tuple[str, str]) -> bool:
+    """Is the last path segment of ``url`` exactly ``<algorithm>:<hex>`` of ``digest``?"""
+    segments = hyperlink.URL.from_text(url).path
+    return bool(segments) and segments[-1].lower() == f"{digest[0]}:{digest[1]}"
 
 
 def task_id(url: str, md5: str | None = None, identifier: str | None = None) -> str:

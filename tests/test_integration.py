@@ -516,11 +516,28 @@ class DigestTests(IntegrationTestCase):
 
 
 class ContentAddressedTests(IntegrationTestCase):
-    """With --digest the task is the content: one fetch for the same bytes at any URL."""
+    """With --digest and a URL that names it, the task is the content: one fetch at any such URL."""
 
-    async def test_same_digest_at_two_urls_is_one_task_and_one_fetch(self) -> None:
-        """Two URLs serving the same bytes, both asked with their sha256: the origin sends them once."""
+    async def test_same_digest_at_two_urls_that_name_it_is_one_task_and_one_fetch(self) -> None:
+        """Two repositories' URLs of one blob, both asked with its sha256: the origin sends it once."""
         data = os.urandom(4 * MiB + 3)
+        digest = ("sha256", hashlib.sha256(data).hexdigest())
+        names = [f"{repository}/sha256:{digest[1]}" for repository in ("a", "b")]
+        for name in names:
+            os.makedirs(os.path.join(self.origin.root, os.path.dirname(name)), exist_ok=True)
+        first, second = self.serve(names[0], data), self.serve(names[1], data)
+        await self.start_supernode()
+        req_a = self.request(first.url, digest=digest)
+        self.assertDownloaded(await self.download(req_a), req_a, first)
+        task_a = self.registered()["taskId"]
+        req_b = self.request(second.url, digest=digest)
+        self.assertDownloaded(await self.download(req_b), req_b, second)
+        self.assertEqual(self.registered()["taskId"], task_a)
+        self.assertEqual(self.origin.full_gets(names[0]) + self.origin.full_gets(names[1]), 1)
+
+    async def test_same_digest_at_urls_that_do_not_name_it_is_two_tasks(self) -> None:
+        """A digest the path does not name only checks the bytes (see tests/adversarial/test_digest_alias.py)."""
+        data = os.urandom(MiB + 3)
         first, second = self.serve("a.bin", data), self.serve("b.bin", data)
         await self.start_supernode()
         digest = ("sha256", hashlib.sha256(data).hexdigest())
@@ -529,8 +546,8 @@ class ContentAddressedTests(IntegrationTestCase):
         task_a = self.registered()["taskId"]
         req_b = self.request(second.url, digest=digest)
         self.assertDownloaded(await self.download(req_b), req_b, second)
-        self.assertEqual(self.registered()["taskId"], task_a)
-        self.assertEqual(self.origin.full_gets("a.bin") + self.origin.full_gets("b.bin"), 1)
+        self.assertNotEqual(self.registered()["taskId"], task_a)
+        self.assertEqual((self.origin.full_gets("a.bin"), self.origin.full_gets("b.bin")), (1, 1))
 
     async def test_source_not_matching_the_digest_leaves_no_cache(self) -> None:
         """The supernode checks the whole file against the digest; a mismatch is a FAIL and nothing stays cached."""

@@ -136,6 +136,7 @@ class _Run:
     pmap: PieceMap = attrs.field(default=None)  # the verified pieces and their sha256
     record: RecordWriter | None = None  # keeps ``pmap`` in data/ (None: this download is not resumable)
     running: dict[int, Deferred[None]] = attrs.Factory(dict)
+    reporting: set[Deferred[None]] = attrs.Factory(set)  # failed pieces whose report is still out
     nodes: tuple[tuple[str, int], ...] = ()  # the addresses behind req.nodes at the last registration
     writers: set[BodyWriter] = attrs.Factory(set)  # piece bodies still writing (even when cancelled)
     failures: int = 0
@@ -516,8 +517,14 @@ class PeerEngine:
         return 2 * len(set(nodes)) + 1
 
     async def _stop_pieces(self, run: _Run) -> None:
-        """Cancel the running pieces and wait until none of their bytes can still land in the file."""
-        for d in list(run.running.values()):
+        """Cancel the running pieces and wait until none of their bytes can still land in the file.
+
+        Failed pieces still reporting are cancelled too, and the registration
+        is forgotten first: a report answered now must start no new piece
+        (before, one could, after the download had returned).
+        """
+        run.task = None
+        for d in [*run.running.values(), *run.reporting]:
             d.cancel()
         closing = [writer.closed for writer in run.writers]
         if closing:
@@ -869,13 +876,19 @@ class PeerEngine:
                 e = _PieceFailed("error", f"internal error: {e!r}")
             # Free the number before reporting: the report wakes the held pull,
             # whose answer may offer this piece again before the report returns.
-            run.running.pop(num, None)
+            mine = run.running.pop(num, None)
             run.failures += 1
             log.warn("piece {num} from {dst} failed: {error}", num=num, dst=dst, error=e.error, sign=run.req.sign)
             if run.failures > MAX_PIECE_FAILURES:
                 self._fatal(run, f"{run.failures} piece failures, last: {e.error}")
                 return
-            await self._report(run, ctx, "/peer/piece/error", {**params, "kind": e.kind})
+            if mine is None:
+                return  # stopped while it failed
+            run.reporting.add(mine)
+            try:
+                await self._report(run, ctx, "/peer/piece/error", {**params, "kind": e.kind})
+            finally:
+                run.reporting.discard(mine)
             return
         start, end = expected
         self._verified(run, num, digest, start, end)
