@@ -174,6 +174,30 @@ class PlaceTests(SynchronousTestCase):
         place(self.source, self.output, "s")
         self.assertEqual(self.leftovers(), [])
 
+    def test_copy_does_not_follow_a_symlink_planted_at_the_temporary_name(self) -> None:
+        """A symlink put at the temporary name after the stale one is removed cannot redirect the copy."""
+        victim = os.path.join(self.directory, "victim")
+        with open(victim, "wb") as f:
+            f.write(b"precious")
+
+        def link(*args: Any, **kwargs: Any) -> None:
+            # The race: between place()'s unlink of a stale temporary file
+            # and its open, someone who can write the directory plants a link.
+            os.symlink(victim, os.path.join(self.directory, ".out.bin.s.tmp"))
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+        self.patch(storage.os, "link", link)
+        self.assertRaises(FileExistsError, place, self.source, self.output, "s")
+        with open(victim, "rb") as f:
+            self.assertEqual((f.read(), os.path.exists(self.output)), (b"precious", False))
+
+    def test_copy_has_the_working_files_mode(self) -> None:
+        """The copy gets the working file's permissions, as the hard link shares them."""
+        os.chmod(self.source, 0o640)
+        self.refuse_links()
+        place(self.source, self.output, "s")
+        self.assertEqual(os.stat(self.output).st_mode & 0o777, 0o640)
+
     def test_unexpected_error_leaves_output_untouched(self) -> None:
         """A missing working file raises, and the old output and no temp remain."""
         with open(self.output, "wb") as f:

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
-from urllib.parse import unquote, urlsplit
 
 from twisted.python import usage
 
@@ -65,7 +64,9 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["url", "u", None, "URL to download (http:// or https://)."],
-        ["output", "o", None, "Output file [default: the last segment of the URL path]."],
+        ["output", "o", None,
+         "Output file; replaced if it exists [default: the base name of the URL path's last segment, "
+         "in the working directory, which must not exist yet]."],
         ["md5", "m", None, "Expected MD5 of the whole file; also part of the task identity."],
         ["digest", None, None, "Expected digest of the whole file, sha256:<hex> (or md5:<hex>)."],
         ["identifier", "i", None, "Task identifier: same URL + identifier = same task (not with --md5)."],
@@ -133,19 +134,19 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
     file_config = load_dfget_config(config_path, required=config_path != DEFAULT_DFGET_CONFIG)
     opts["timeouts"] = file_config.timeouts  # for a download in this process (no daemon)
     nodes = parse_nodes(opts["node"]) if opts["node"] else file_config.nodes
-    output = opts["output"]
-    if not output:
-        segments = [s for s in urlsplit(url).path.split("/") if s]
-        if not segments:
-            raise ValueError("the URL has no file name to save as: give -o FILE")
-        output = unquote(segments[-1])
+    if opts["output"]:
+        # The user's own -o: ``~`` means their home, and an existing file is replaced.
+        output = storage.check_output(os.path.expanduser(opts["output"]))
+    else:
+        # The URL's choice: a plain name here, never expanded, never replacing a file.
+        output = storage.check_new_output(os.path.join(os.getcwd(), storage.name_from_url(url)))
     timeout = parse_duration(opts["timeout"]) if opts["timeout"] else file_config.timeout
     min_rate = parse_size(opts["minrate"]) if opts["minrate"] else file_config.min_rate
     local_limit = _limit(opts["locallimit"], "locallimit") if opts["locallimit"] else file_config.local_limit
     total_limit = _limit(opts["totallimit"], "totallimit") if opts["totallimit"] else file_config.total_limit
     return DownloadRequest(
         url=url,
-        output=storage.check_output(output),
+        output=output,
         sign=sign,
         nodes=nodes,
         headers=headers,
