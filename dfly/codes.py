@@ -21,6 +21,11 @@ PIECE_REPORTED = 611
 PEER_DOWN = 612
 SOURCE_REFUSED = 613  # dfly: the supernode's source policy refuses the URL (SSRF defence)
 
+# The header that carries a peer's secret (from its registration's answer) on
+# every pull, report and service-down about its cid.
+PEER_SECRET_HEADER = "X-Dfly-Peer-Secret"
+PEER_UNAUTHORIZED = 614  # dfly: a pull, report or down without its cid's peer secret
+
 # Piece results a peer reports.
 PIECE_FAILED = 500
 PIECE_SUCCESS = 501

@@ -310,6 +310,33 @@ class SupernodeFileConfig:
     access_log: bool = False  # one log line per HTTP request on both ports
     scheduler: Mapping[str, Any] = attrs.field(factory=dict)  # checked by dfly.supernode.policy
     sources: Mapping[str, Any] = attrs.field(factory=dict)  # allow/deny, checked by dfly.supernode.sources
+    peer_networks: tuple[Network, ...] = ()  # advertised peer addresses must be inside; (): any
+    trusted_peer_networks: tuple[Network, ...] = ()  # clients here may advertise another address (NAT)
+    registration_rate: float = 20.0  # registrations a second per client address (bursts of 10 s); 0: no limit
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: Any, key: str) -> tuple[Network, ...]:
+    """A YAML list of CIDRs or addresses (ValueError names the key and the bad entry)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"{key} must be a list of CIDRs")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ValueError(f"{key}: {item!r} is not a CIDR or address") from None
+    return tuple(networks)
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+        raise ValueError(f"expected a number of registrations a second (0: no limit), got {value!r}")
+    return float(value)
 
 
 def _bool(value: Any) -> bool:
@@ -356,6 +383,9 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "accessLog": ("access_log", _bool),
     "scheduler": ("scheduler", _mapping),
     "sources": ("sources", _mapping),
+    "peerNetworks": ("peer_networks", lambda v: parse_networks(v, "peerNetworks")),
+    "trustedPeerNetworks": ("trusted_peer_networks", lambda v: parse_networks(v, "trustedPeerNetworks")),
+    "registrationRate": ("registration_rate", _rate),
 }
 
 

@@ -46,8 +46,8 @@ def schedule(ready: int = 30, cdn_limit: int = CDN_TASK_LIMIT, seed: int = 0) ->
     return s
 
 
-def join(s: TaskSchedule, cid: str, port: int = 15001) -> Peer:
-    return s.add_peer(cid, "192.0.2.1", port)
+def join(s: TaskSchedule, cid: str, port: int = 15001, ip: str = "192.0.2.1") -> Peer:
+    return s.add_peer(cid, ip, port)
 
 
 def complete(s: TaskSchedule, cid: str) -> None:
@@ -78,10 +78,10 @@ def fail_from_cdn(s: TaskSchedule, cid: str, times: int) -> None:
 
 
 def blame(s: TaskSchedule, source: str, times: int, kind: str = "refused") -> None:
-    """``times`` fresh peers each get a piece from ``source`` and report ``kind`` for it."""
+    """``times`` fresh peers, on hosts of their own, each get a piece from ``source`` and report ``kind`` for it."""
     for n in range(times):
         cid = f"blamer-{source}-{n}-{len(s.peers)}"
-        join(s, cid)
+        join(s, cid, ip=f"198.51.100.{len(s.peers) % 250}")
         chosen = dict(s.assign(cid))
         piece = next(p for p, src in chosen.items() if src == source)
         s.failed(cid, piece, kind)
@@ -381,15 +381,25 @@ class BlameTests(SynchronousTestCase):
             ([(n, CDN) for n in range(4)], [0] * 8),
         )
 
-    def test_unreachable_eliminates_at_once(self) -> None:
-        """One "unreachable" report takes a source off for everybody."""
-        blame(self.s, "h", 1, kind="unreachable")
+    def test_unreachable_from_two_hosts_eliminates(self) -> None:
+        """"Unreachable" reports from two hosts take a source off for everybody."""
+        blame(self.s, "h", 2, kind="unreachable")
         join(self.s, "c")
         self.assertEqual(self.s.assign("c"), [(n, CDN) for n in range(4)])
 
+    def test_one_host_cannot_eliminate_a_source(self) -> None:
+        """A hostile client's cids all share its address: however many say "unreachable", others keep h."""
+        for n in range(3):
+            join(self.s, f"liar-{n}", ip="203.0.113.9")
+            chosen = dict(self.s.assign(f"liar-{n}"))
+            self.s.failed(f"liar-{n}", next(p for p, src in chosen.items() if src == "h"), "unreachable")
+            drop_running(self.s, f"liar-{n}")
+        join(self.s, "c")
+        self.assertEqual((self.s.peers["h"].eliminated, self.s.assign("c")), (False, [(n, "h") for n in range(4)]))
+
     def test_eliminated_peer_does_not_become_a_holder_again(self) -> None:
         """A piece an eliminated peer verifies later does not make it a source."""
-        blame(self.s, "h", 1, kind="unreachable")
+        blame(self.s, "h", 2, kind="unreachable")
         self.s.piece_ready(8)
         self.assertEqual(self.s.assign("h"), [(8, CDN)])
         self.s.succeeded("h", 8)
@@ -565,6 +575,9 @@ class ScheduleMachine(RuleBasedStateMachine):
         self.last: dict[str, int] = {}
         self.blamed: dict[str, set[str]] = {}  # cid -> sources it blamed
         self.faults: dict[str, int] = {}  # cid -> cost blamed on it while it served
+        self.ips: dict[str, str] = {}
+        self.blamers: dict[str, set[str]] = {}  # cid -> addresses of the peers that blamed it while it served
+        self.eliminated: dict[str, bool] = {}
         self.failures: dict[str, int] = {}
         self.born = 0
 
@@ -584,7 +597,7 @@ class ScheduleMachine(RuleBasedStateMachine):
     # --- the model ---
 
     def serves(self, cid: str) -> bool:
-        return cid in self.ports and self.ports[cid] > 0 and self.faults[cid] < ELIMINATION
+        return cid in self.ports and self.ports[cid] > 0 and not self.eliminated[cid]
 
     def holders(self, piece: int) -> set[str]:
         return {c for c in self.ports if self.serves(c) and piece in self.have[c]}
@@ -620,10 +633,12 @@ class ScheduleMachine(RuleBasedStateMachine):
         cid = f"p{self.born}"
         self.born += 1
         port = 15000 + self.born if serves else 0
-        self.s.add_peer(cid, "192.0.2.1", port)
-        self.ports[cid] = port
+        ip = f"192.0.2.{self.born % 3}"  # some peers share a host
+        self.s.add_peer(cid, ip, port)
+        self.ports[cid], self.ips[cid] = port, ip
         self.have[cid], self.running[cid], self.last[cid] = set(), {}, 0
         self.blamed[cid], self.faults[cid], self.failures[cid] = set(), 0, 0
+        self.blamers[cid], self.eliminated[cid] = set(), False
 
     @precondition(lambda self: self.s is not None and self.ports)
     @rule(i=st.integers(min_value=0, max_value=20))
@@ -632,7 +647,7 @@ class ScheduleMachine(RuleBasedStateMachine):
         cid = self.cid(i)
         peer = self.s.peers[cid]
         assert self.s.add_peer(cid, "198.51.100.7", 1) is peer
-        assert (peer.ip, peer.port) == ("192.0.2.1", self.ports[cid])
+        assert (peer.ip, peer.port) == (self.ips[cid], self.ports[cid])
 
     @precondition(lambda self: self.s is not None)
     @rule(piece=st.integers(min_value=0, max_value=PIECES - 1))
@@ -779,6 +794,9 @@ class ScheduleMachine(RuleBasedStateMachine):
         self.blamed[cid].add(source)
         if self.serves(source):
             self.faults[source] += cost
+            self.blamers[source].add(self.ips[cid])
+            # Elimination needs the faults and reports from two hosts.
+            self.eliminated[source] = self.faults[source] >= ELIMINATION and len(self.blamers[source]) >= 2
 
     @precondition(lambda self: self.s is not None and self.ports)
     @rule(i=st.integers(min_value=0, max_value=20), piece=st.integers(min_value=0, max_value=PIECES - 1),
@@ -796,7 +814,8 @@ class ScheduleMachine(RuleBasedStateMachine):
         assert self.s is not None
         cid = self.cid(i)
         self.s.remove_peer(cid)
-        for table in (self.ports, self.have, self.running, self.last, self.blamed, self.faults, self.failures):
+        for table in (self.ports, self.have, self.running, self.last, self.blamed, self.faults, self.failures,
+                      self.ips, self.blamers, self.eliminated):
             del table[cid]
 
     # --- invariants ---
@@ -818,7 +837,7 @@ class ScheduleMachine(RuleBasedStateMachine):
             assert (peer.have, peer.running) == (self.have[cid], self.running[cid]), cid
             assert peer.blacklist == self.blamed[cid], (cid, peer.blacklist, self.blamed[cid])
             assert peer.failures == self.failures[cid], (cid, peer.failures, self.failures[cid])
-            assert peer.can_serve == (self.ports[cid] > 0 and self.faults[cid] < ELIMINATION), cid
+            assert peer.can_serve == self.serves(cid), cid
         for piece in range(s.ready):
             assert set(s.holders[piece]) == self.holders(piece), piece
 

@@ -12,6 +12,7 @@ the supernode's clock is a `Clock` the tests advance.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import hashlib
 import json
 import random
@@ -30,11 +31,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
 
 import dfly
+from dfly import codes
 from dfly.jsonapi import FastRoutes
 from dfly.pieces import DEFAULT_PIECE_SIZE, task_id
 from dfly.source import SourceClient
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
+from dfly.supernode.peerauth import PeerNetworks
 from dfly.supernode.policy import SchedulerPolicy
 from dfly.supernode.tasks import HUNG_UP_GRACE, SILENCE, TaskManager
 
@@ -183,6 +186,7 @@ class SupernodeApiTestCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
+        self.secrets: dict[str, str] = {}  # cid -> the peer secret its last registration got
         self.origin = self.origin_class()
         self.origin_http = StubTreq(self.origin)
         self.home = self.mktemp()
@@ -194,7 +198,13 @@ class SupernodeApiTestCase(SynchronousTestCase):
         source = SourceClient(http=self.origin_http, clock=self.clock)
         self.tasks = TaskManager(self.cache, source, self.clock, poll_timeout=POLL_TIMEOUT, **self.options)
         self.addCleanup(self.tasks.stop)
-        self.http = StubTreq(SupernodeApi(self.tasks, CDN_PORT, advertise_ip).resource())
+        # The fake peers advertise 192.0.2.x, all through StubTreq's one client
+        # address: trusted, like a NAT'd network (the address check has its
+        # own tests, tests/adversarial/test_peer_auth.py).
+        everyone = PeerNetworks(trusted=(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")))
+        # No registration rate limit either (one fake client registers hundreds at once).
+        self.http = StubTreq(SupernodeApi(self.tasks, CDN_PORT, advertise_ip, networks=everyone,
+                                          registration_rate=0).resource())
 
     def pump(self) -> None:
         for _ in range(4):
@@ -202,10 +212,22 @@ class SupernodeApiTestCase(SynchronousTestCase):
             self.http.flush()
 
     def start(self, method: str, path: str, **kwargs: Any) -> Deferred[Answer]:
+        """A request; a call about a registered cid carries that cid's peer secret, as a peer's does."""
+        params = kwargs.get("params") or {}
+        cid = params.get("srcCid") or params.get("cid")
+        if cid in self.secrets and "headers" not in kwargs:
+            kwargs["headers"] = {codes.PEER_SECRET_HEADER: self.secrets[cid]}
         d = self.http.request(method, "http://supernode.test" + path, **kwargs)
-        return d.addCallback(
-            lambda r: treq.content(r).addCallback(lambda body: Answer(r.code, r.headers, body))
-        )
+
+        def answered(r: Any) -> Deferred[Answer]:
+            def made(body: bytes) -> Answer:
+                answer = Answer(r.code, r.headers, body)
+                if path == "/peer/registry" and r.code == 200:
+                    self.secrets[kwargs["json"]["cid"]] = answer.data["peerSecret"]
+                return answer
+            return treq.content(r).addCallback(made)
+
+        return d.addCallback(answered)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Answer:
         d = self.start(method, path, **kwargs)
@@ -254,7 +276,7 @@ class RegistrationTests(SupernodeApiTestCase):
         self.assertEqual(
             (answer.status, answer.code, answer.data),
             (200, 200, {"taskId": task_id(url), "fileLength": SMALL, "pieceSize": P,
-                        "key": self.tasks.key_for(task_id(url))}),
+                        "key": self.tasks.key_for(task_id(url)), "peerSecret": self.tasks.task(task_id(url)).peers["peer-1"].secret}),
         )
         self.assertRegex(answer.data["key"], r"\A[0-9a-f]{32}\Z")
 
@@ -726,16 +748,18 @@ class PeerSourceTests(SupernodeApiTestCase):
         self.assertEqual(self.sources(self.pull(self.tid, "peer-3")), {0: "peer-1", 1: "peer-1"})
 
     def test_unreachable_source_is_offered_to_nobody(self) -> None:
-        """One "unreachable" report about peer-1 takes it off for every peer."""
+        """"Unreachable" about peer-1 from two hosts takes it off for every peer; from one host, only for it."""
         for piece in self.offered:
             self.report(self.tid, piece["range"])
-        self.join("peer-2", 2)
-        self.pull(self.tid, "peer-2")
-        self.call("GET", "/peer/piece/error", params={
-            "taskId": self.tid, "cid": "peer-2", "range": self.offered[0]["range"], "kind": "unreachable",
-        })
-        self.join("peer-3", 3)
-        self.assertEqual(set(self.sources(self.pull(self.tid, "peer-3")).values()), {f"cdnnode:{CDN_IP}~{self.tid}"})
+        cdn = {f"cdnnode:{CDN_IP}~{self.tid}"}
+        for n, offered_to_others in ((2, {"peer-1"}), (3, cdn)):
+            self.join(f"peer-{n}", n)
+            self.pull(self.tid, f"peer-{n}")
+            self.call("GET", "/peer/piece/error", params={
+                "taskId": self.tid, "cid": f"peer-{n}", "range": self.offered[0]["range"], "kind": "unreachable",
+            })
+            self.join(f"peer-{n + 10}", n + 10)
+            self.assertEqual(set(self.sources(self.pull(self.tid, f"peer-{n + 10}")).values()), offered_to_others)
 
     def test_write_error_blames_nobody(self) -> None:
         """A reporter's own "write" failure leaves peer-1 its source for the retry."""

@@ -31,6 +31,7 @@ from twisted.web.http_headers import Headers
 
 import dfly
 from dfly import codes
+from dfly.codes import PEER_SECRET_HEADER
 from dfly.config import Home, NodeTimeouts, format_node
 from dfly.httpclient import BodyTooLarge, read_limited
 from dfly.jsonapi import parse_json
@@ -113,6 +114,7 @@ class _Task:
     task_id: str
     cid: str
     piece_size: int
+    secret: str = ""  # the registration's peer secret: every call about this cid carries it
 
 
 class _PieceFailed(Exception):
@@ -159,7 +161,7 @@ class _Run:
             return 0
         return sum(end - start + 1 for start, end in map(self.pmap.range, self.from_record & self.pmap.pieces.keys()))
     started: float = 0.0
-    registered: tuple[tuple[str, int], str, str] | None = None  # node, task id, cid
+    registered: tuple[tuple[str, int], str, str, str] | None = None  # node, task id, cid, peer secret
     held: HeldFile | None = None  # what the uploader serves of this download
     bucket: TokenBucket | None = None  # --locallimit, inside the host's --totallimit
 
@@ -376,7 +378,7 @@ class PeerEngine:
         run.held.length = run.length
         run.held.finished = True
         run.held.last_access = self.reactor.seconds()
-        run.held.node, run.held.cid = run.registered[0], run.registered[2]
+        run.held.node, _, run.held.cid, run.held.secret = run.registered
         run.held.heartbeat = self.reactor.seconds()
         return True
 
@@ -391,7 +393,7 @@ class PeerEngine:
             self.uploads.remove(held)
         storage.remove_quietly(held.path)
         log.info("stopped serving taskID:{task_id}: {path} removed", task_id=held.task_id, path=held.path)
-        return Deferred.fromCoroutine(self.leave(held.node, held.task_id, held.cid))
+        return Deferred.fromCoroutine(self.leave(held.node, held.task_id, held.cid, held.secret))
 
     def heartbeat(self, held: HeldFile) -> Deferred[None]:
         """Tell the supernode this finished peer still serves ``held`` (a pull, answered 600 at once).
@@ -405,7 +407,8 @@ class PeerEngine:
 
     async def _heartbeat(self, held: HeldFile) -> None:
         try:
-            status, answer = await self._api(held.node, "GET", "/peer/task", {"taskId": held.task_id, "srcCid": held.cid})
+            status, answer = await self._api(held.node, "GET", "/peer/task", {"taskId": held.task_id, "srcCid": held.cid},
+                                             secret=held.secret)
         except Exception as e:
             log.warn("heartbeat to {node} failed: {error}", node=format_node(held.node), error=e)
             return
@@ -413,10 +416,10 @@ class PeerEngine:
             log.info("supernode {node} no longer knows cid:{cid} of taskID:{task_id} ({msg})",
                      node=format_node(held.node), cid=held.cid, task_id=held.task_id, msg=answer.get("msg", status))
 
-    async def leave(self, node: tuple[str, int], task_id: str, cid: str) -> None:
+    async def leave(self, node: tuple[str, int], task_id: str, cid: str, secret: str) -> None:
         """Tell the supernode this cid is gone (best effort: it only frees state)."""
         try:
-            await self._api(node, "GET", "/peer/service/down", {"taskId": task_id, "cid": cid})
+            await self._api(node, "GET", "/peer/service/down", {"taskId": task_id, "cid": cid}, secret=secret)
         except Exception as e:
             log.warn("service down to {node} failed: {error}", node=format_node(node), error=e)
 
@@ -534,15 +537,19 @@ class PeerEngine:
     # --- supernode API ----------------------------------------------------------
 
     async def _api(self, node: tuple[str, int], method: str, path: str, params: Mapping[str, Any] = {},
-                   body: Any = None, timeout: float | None = None) -> tuple[int, dict[str, Any]]:
+                   body: Any = None, timeout: float | None = None, secret: str | None = None,
+                   ) -> tuple[int, dict[str, Any]]:
         host, port = node
         url = hyperlink.URL(scheme="http", host=host, port=port, path=tuple(path.strip("/").split("/")))
         for key, value in params.items():
             url = url.add(key, str(value))
         kwargs: dict[str, Any] = {"timeout": timeout or self.timeouts.api, "reactor": self.reactor}
+        headers = {PEER_SECRET_HEADER: secret} if secret else {}
         if body is not None:
             kwargs["data"] = json.dumps(body).encode()
-            kwargs["headers"] = {"Content-Type": "application/json"}
+            headers["Content-Type"] = "application/json"
+        if headers:
+            kwargs["headers"] = headers
         response = await self.http.request(method, url.to_text(), **kwargs)
         try:
             raw = await read_limited(response, MAX_ANSWER)
@@ -719,7 +726,9 @@ class PeerEngine:
                 raise ValueError("piece size or length out of range")
         except (KeyError, ValueError, TypeError) as e:
             raise _NodeLost(f"supernode {format_node(node)} registered us with an invalid answer ({e})", down=False) from None
-        run.registered = (node, task_id, cid)
+        secret = reg.get("peerSecret")
+        secret = secret if isinstance(secret, str) else ""  # an older supernode gives none
+        run.registered = (node, task_id, cid, secret)
         self._take_layout(run, length, piece_size)
         self._drop_held(run)
         if self.uploads is not None:
@@ -731,12 +740,13 @@ class PeerEngine:
         # A held pull is woken when an event elsewhere gives us work; our own
         # reports get our next pieces in their answers (``next=1``).
         params = {"taskId": task_id, "srcCid": cid, "wait": f"{self.poll_timeout:g}"}
-        ctx = run.task = _Task(node, task_id, cid, piece_size)
+        ctx = run.task = _Task(node, task_id, cid, piece_size, secret)
         run.lost = None  # whatever lost the last node is not this one's
         while True:
             self._raise_if_ended(run)
             run.pull = Deferred.fromCoroutine(self._unless_hung(node, Deferred.fromCoroutine(
-                self._api(node, "GET", "/peer/task", params, timeout=self.poll_timeout + self.timeouts.api)), every=True))
+                self._api(node, "GET", "/peer/task", params, timeout=self.poll_timeout + self.timeouts.api,
+                          secret=secret)), every=True))
             try:
                 status, answer = await run.pull
             except Exception as e:
@@ -750,7 +760,7 @@ class PeerEngine:
             finally:
                 run.pull = None
             code = answer["code"]
-            if status == 404:
+            if status in (401, 404):  # 401: our secret is not the cid's (it registered again): register again
                 raise _NodeLost(f"supernode {format_node(node)} no longer knows the task ({answer.get('msg', '')}): "
                                 "restarted or dropped it", down=False)
             if code == codes.PEER_CONTINUE:
@@ -923,7 +933,7 @@ class PeerEngine:
         """Report a piece; the answer carries our next pieces (``next=1``), started at once."""
         try:
             status, answer = await self._unless_hung(ctx.node, Deferred.fromCoroutine(
-                self._api(ctx.node, "GET", path, params)))
+                self._api(ctx.node, "GET", path, params, secret=ctx.secret)))
         except (CancelledError, ConnectingCancelledError):
             raise CancelledError() from None  # the piece was stopped (a migration, the download's end)
         except Exception as e:
@@ -938,7 +948,7 @@ class PeerEngine:
             raise
         if ctx is not run.task:
             return
-        if status == 404:
+        if status in (401, 404):
             self._lose(run, _NodeLost(f"supernode {format_node(ctx.node)} no longer knows us "
                                       f"({answer.get('msg', '')}): restarted or dropped us", down=False))
             return

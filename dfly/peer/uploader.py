@@ -54,6 +54,7 @@ class HeldFile:
     # Where it was registered, for the service-down when it expires.
     node: tuple[str, int] = ("", 0)
     cid: str = ""
+    secret: str = ""  # the registration's peer secret, which the heartbeat and service-down carry
     heartbeat: float = 0.0  # when the supernode last heard that this finished peer still serves
     # The task's key from the supernode: requests must carry it (``?k=``), so
     # knowing a task id reads nothing.  None: served without one.

@@ -17,12 +17,13 @@ from twisted.web.iweb import IRequest
 
 import dfly
 from dfly import codes
-from dfly.jsonapi import FastRoutes, bad_request, envelope, json_app, query_arg, query_int, read_json
+from dfly.jsonapi import ApiError, FastRoutes, bad_request, envelope, json_app, query_arg, query_int, read_json
 from dfly.pieces import (
     is_md5, is_task_id, parse_digest, parse_filter, parse_range, piece_num_of, registration_task_url, task_id,
 )
 from dfly.urls import check_url, parse_header_lines
 from dfly.supernode.metrics import metrics_registry, render
+from dfly.supernode.peerauth import PeerNetworks, RefusalLog, RegistrationLimit
 from dfly.supernode.pullqueue import Assignment
 from dfly.supernode.tasks import MAX_POLL_WAIT, Registration, Task, TaskManager
 
@@ -109,11 +110,24 @@ def _task_id_arg(request: IRequest) -> str:
 class SupernodeApi:
     app = json_app()
 
-    def __init__(self, tasks: TaskManager, download_port: int, advertise_ip: str | None = None) -> None:
+    def __init__(self, tasks: TaskManager, download_port: int, advertise_ip: str | None = None,
+                 networks: PeerNetworks = PeerNetworks(), registration_rate: float = 20.0) -> None:
         self.tasks = tasks
         self.download_port = download_port
         self.advertise_ip = advertise_ip
+        self.networks = networks
+        self.limit = RegistrationLimit(tasks.clock, registration_rate)
+        self.refusals = RefusalLog(tasks.clock)
         self.metrics = metrics_registry(tasks)
+
+    def _authorize(self, request: IRequest, task_id: str, cid: str) -> None:
+        """The call about ``cid`` carries the secret its registration got (`dfly.supernode.peerauth`)."""
+        try:
+            self.tasks.authorize(task_id, cid, request.getHeader(codes.PEER_SECRET_HEADER))
+        except ApiError as e:
+            if e.status == 401:
+                self.refusals.refused(_client(request), "a call without its peer secret", e.msg)
+            raise
 
     def resource(self) -> Any:
         """Pulls and reports (nearly every request of a swarm) bypass klein: see `FastRoutes`."""
@@ -124,19 +138,31 @@ class SupernodeApi:
 
     @app.route("/peer/registry", methods=["POST"])
     async def registry(self, request: IRequest) -> bytes:
+        client = _client(request)
+        if not self.limit.take(client):
+            self.refusals.refused(client, "registrations", "over registrationRate")
+            request.setHeader(b"retry-after", b"1")
+            raise ApiError(429, codes.SYSTEM_ERROR, f"too many registrations from {client}; try again later")
         reg = parse_registration(read_json(request))
+        why = self.networks.refusal(reg.ip, client)
+        if why is not None:
+            self.refusals.refused(client, "a registration", why)
+            raise ApiError(403, codes.PARAM_ERROR, why)
         task = await self.tasks.register(reg)
+        peer = task.peers.get(reg.cid)
         return envelope(
             request,
             codes.SUCCESS,
             "success",
-            {"taskId": task.task_id, "fileLength": task.length, "pieceSize": task.piece_size, "key": task.key},
+            {"taskId": task.task_id, "fileLength": task.length, "pieceSize": task.piece_size, "key": task.key,
+             "peerSecret": peer.secret if peer is not None else ""},
         )
 
     def pull(self, request: IRequest) -> bytes | Deferred[bytes]:
         """``GET /peer/task``: the next pieces, at once or when the held pull is woken."""
         tid = _task_id_arg(request)
         cid = query_arg(request, "srcCid")
+        self._authorize(request, tid, cid)
         wait = _wait_arg(request)
         # Dragonfly clients report their previous piece in the pull itself.
         reported = query_arg(request, "range", required=False)
@@ -153,6 +179,7 @@ class SupernodeApi:
         """``GET /peer/piece/suc``; with ``next=1`` the answer carries the reporter's next pieces."""
         tid = _task_id_arg(request)
         cid = query_arg(request, "cid")
+        self._authorize(request, tid, cid)
         task = self.tasks.task(tid)
         text = query_arg(request, "pieceRange", required=False) or query_arg(request, "range")
         take_next = _next_arg(request)
@@ -163,6 +190,7 @@ class SupernodeApi:
         """``GET /peer/piece/error``: the source is blamed; ``next=1`` as for a success."""
         tid = _task_id_arg(request)
         cid = query_arg(request, "cid", required=False) or query_arg(request, "srcCid")
+        self._authorize(request, tid, cid)
         task = self.tasks.task(tid)
         piece = _piece_num(query_arg(request, "range"), task.piece_size)
         kind = query_arg(request, "kind", required=False) or query_arg(request, "errorType", required=False)
@@ -180,7 +208,9 @@ class SupernodeApi:
 
     @app.route("/peer/service/down", methods=["GET"])
     def service_down(self, request: IRequest) -> bytes:
-        self.tasks.service_down(_task_id_arg(request), query_arg(request, "cid"))
+        tid, cid = _task_id_arg(request), query_arg(request, "cid")
+        self._authorize(request, tid, cid)
+        self.tasks.service_down(tid, cid)
         return envelope(request, codes.PEER_DOWN, "success")
 
     @app.route("/_ping", methods=["GET"])
@@ -205,6 +235,12 @@ class SupernodeApi:
     def _cdn_ip(self, request: IRequest) -> str:
         """Where peers reach the CDN: --advertise-ip, else the address they reached us on."""
         return self.advertise_ip or request.getHost().host
+
+
+def _client(request: IRequest) -> str:
+    """The connection's source address (what a registration's ``ip`` must be)."""
+    address = request.getClientAddress()
+    return getattr(address, "host", "") or "unknown"
 
 
 _PULL_MSG = {codes.PEER_CONTINUE: "continue", codes.PEER_FINISH: "finish", codes.PEER_WAIT: "wait"}

@@ -26,8 +26,8 @@ at most ``max_running`` pieces per downloading peer; a source serves at most
 ``max_uploads`` at once; the CDN serves at most ``cdn_task_limit`` pieces of
 a task at once, each to one peer at a time, and only when no peer can; a
 source that failed a peer is never offered to that peer again (local
-blacklist); a source with ``elimination`` faults is offered to nobody
-(global blacklist); a peer with more than ``isolation`` failed pieces gets
+blacklist); a source with ``elimination`` faults, reported from at least
+two addresses, is offered to nobody (global blacklist); a peer with more than ``isolation`` failed pieces gets
 CDN pieces only; a peer that is gone is dropped with everything it held and
 ran.
 """
@@ -49,6 +49,8 @@ MAX_UPLOADS = _DEFAULT.max_uploads
 ELIMINATION = _DEFAULT.elimination
 ISOLATION = _DEFAULT.isolation
 CDN_TASK_LIMIT = _DEFAULT.cdn_task_limit
+#: Distinct reporting addresses needed before a source is offered to nobody.
+ELIMINATION_HOSTS = 2
 SCAN_BUDGET = _DEFAULT.scan_budget
 
 #: Failure kinds that are the source's fault, and how much each costs it
@@ -137,6 +139,7 @@ class Peer:
     uploads: int = 0
     failures: int = 0
     service_errors: int = 0
+    blamed_from: set[str] = attrs.Factory(set)  # addresses of the peers whose reports blamed it
     eliminated: bool = False
     blacklist: set[str] = attrs.Factory(set)
     #: Pieces whose free view this peer left (a pick found it full, or it was
@@ -148,6 +151,7 @@ class Peer:
     pulls: int = 0  # pulls held open right now
     seen: float = 0.0  # when it last pulled or reported
     hung_up: bool = False  # its last held pull was closed by the peer
+    secret: str = ""  # its registration's peer secret (pulls, reports and down must carry it)
 
     @property
     def can_serve(self) -> bool:
@@ -422,7 +426,11 @@ class TaskSchedule:
         if blamed is None or not blamed.can_serve:
             return None
         blamed.service_errors += self.policy.elimination if cost == "eliminate" else int(cost)
-        if blamed.service_errors < self.policy.elimination:
+        blamed.blamed_from.add(peer.ip)
+        # One client's reports never take a source off for everyone: it could
+        # register a cid and say "unreachable" about each honest holder.  Its
+        # own blacklist already spares it; elimination needs a second host.
+        if blamed.service_errors < self.policy.elimination or len(blamed.blamed_from) < ELIMINATION_HOSTS:
             return None
         self._unhold_all(blamed)
         blamed.eliminated = True

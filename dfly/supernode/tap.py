@@ -38,6 +38,7 @@ from dfly.diskpool import DiskPool
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
 from dfly.supernode.diskgc import DiskQuota
+from dfly.supernode.peerauth import PeerNetworks
 from dfly.supernode.policy import policy_from_mapping
 from dfly.supernode.sources import describe as describe_sources, parse_sources
 from dfly.supernode.tasks import Limits, TaskManager
@@ -251,7 +252,9 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
         revalidate_window=config.revalidate_window,
         quota=DiskQuota(cache, config.cache_limit, disk.run),
     )
-    api = SupernodeApi(tasks, config.download_port, config.advertise_ip)
+    api = SupernodeApi(tasks, config.download_port, config.advertise_ip,
+                       networks=PeerNetworks(config.peer_networks, config.trusted_peer_networks),
+                       registration_rate=config.registration_rate)
     top = MultiService()
     log_file = open_log(os.path.join(config.home, "logs", "supernode.log"))
     LogObserverService(line_observer(log_file, str(os.getpid())), log_file.close).setServiceParent(top)

@@ -48,6 +48,7 @@ from dfly.supernode.cdn import CdnCache, FetchState
 from dfly.supernode.diskgc import DiskQuota
 from dfly.supernode.fetch import CdnFetch, FetchEnv
 from dfly.supernode.liveness import PeerLiveness
+from dfly.supernode.peerauth import secret_matches
 from dfly.supernode.policy import SchedulerPolicy
 from dfly.supernode.pullqueue import (
     REEVALUATE, TIMED_OUT, WAIT_NOW, Assignment, Deadlines, PullCounters, PullQueue, Woken,
@@ -255,7 +256,14 @@ class TaskManager:
                            f"task {task.task_id} has {len(task.peers)} peers, the limit (--max-peers-per-task)")
         if self.tasks.get(task.task_id) is not task:
             return task  # gone while we waited: _register asks again
-        task.schedule.add_peer(reg.cid, reg.ip, reg.port).seen = self.clock.seconds()
+        known = task.peers.get(reg.cid)
+        if known is not None and (known.ip, known.port) != (reg.ip, reg.port):
+            raise ApiError(409, codes.TASK_CONFLICT, f"cid {reg.cid} is registered for another address")
+        peer = task.schedule.add_peer(reg.cid, reg.ip, reg.port)
+        peer.seen = self.clock.seconds()
+        # A fresh secret each registration: the last registrant of a cid (its
+        # own address, checked by the API) holds the only valid one.
+        peer.secret = secrets.token_urlsafe(24)
         self._heard(task, task.peers[reg.cid])
         self._idle.pop(task.task_id, None)
         log.info(
@@ -723,6 +731,13 @@ class TaskManager:
                 task.queue.offer(task.schedule.spare_uploads(cid), cid)
             task.queue.offer(1, source)
         return chosen
+
+    def authorize(self, task_id: str, cid: str, secret: bytes | None) -> None:
+        """Only the registrant of ``cid`` may pull, report or leave for it (404: unknown; 401: wrong secret)."""
+        _, peer = self.progress(task_id, cid)
+        if not secret_matches(secret, peer.secret):
+            raise ApiError(401, codes.PEER_UNAUTHORIZED,
+                           f"missing or wrong {codes.PEER_SECRET_HEADER} for cid {cid}: register again")
 
     def service_down(self, task_id: str, cid: str) -> None:
         task, _ = self.progress(task_id, cid)
