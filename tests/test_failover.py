@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from typing import Any, Callable
 
 from twisted.internet import reactor
@@ -37,7 +38,7 @@ from dfly.config import (
 )
 from dfly.dfdaemon.tap import build_service as build_dfdaemon
 from dfly.httpclient import make_http_client
-from dfly.peer import resume
+from dfly.peer import engine as engine_module, resume
 from dfly.peer.engine import DownloadRequest, DownloadResult, PeerEngine, _describe_error
 from dfly.peer.nodenames import NodeNames
 from dfly.peer.options import Options as DaemonOptions
@@ -107,13 +108,20 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(len(TRANSITIONS), len(EXPECTED) + 3 * len(RUNNING) + 2 * len(TERMINAL))
 
     def test_deadline_fails_every_running_state_once(self) -> None:
-        for state in RUNNING:
+        for state in RUNNING - {State.FINISHING}:
             flow, clock, expired = self.flow_in(state, timeout=10)
             clock.advance(9.9)
             self.assertEqual((flow.state, expired), (state, []))
             clock.advance(0.2)
             self.assertEqual((flow.state, flow.ended_by, expired), (State.FAILED, Input.TIMEOUT, [State.FAILED.value]))
             self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_finishing_has_no_deadline(self) -> None:
+        """The bytes are in and verified: a deadline passing while the file is placed throws nothing away."""
+        flow, clock, expired = self.flow_in(State.FINISHING, timeout=10)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(20)
+        self.assertEqual((flow.state, expired, flow.handle(Input.FINISHED)), (State.FINISHING, [], State.DONE))
 
     def test_an_ended_flow_has_no_deadline(self) -> None:
         for state in TERMINAL:
@@ -257,6 +265,28 @@ class RecordTests(SynchronousTestCase):
         queued.pop(0)()
         self.successResultOf(closed)
         self.assertFalse(os.path.exists(resume.record_path(self.working)))
+
+    def test_a_kept_record_has_the_change_made_during_the_last_write(self) -> None:
+        """Closed (kept) while a write is in flight and a newer change waits: the newer one is written too."""
+        queued: list[Callable[[], Any]] = []
+
+        def later(f: Callable[[], Any]) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            queued.append(lambda: d.callback(f()))
+            return d
+
+        pmap = resume.PieceMap(self.ident, len(self.body), 1000)
+        writer = resume.RecordWriter(self.working, pmap, later)
+        pmap.pieces[0] = hashlib.sha256(self.body[:1000]).hexdigest()
+        writer.changed()  # written now
+        pmap.pieces[1] = hashlib.sha256(self.body[1000:2000]).hexdigest()
+        writer.changed()  # waits for the write in flight
+        closed = writer.close(discard=False)
+        while queued:
+            queued.pop(0)()
+        self.successResultOf(closed)
+        loaded, _ = resume.load(self.working, self.ident)
+        self.assertEqual(sorted(loaded.pieces), [0, 1])
 
 
 # --- the engine against real supernodes ---------------------------------------------
@@ -544,6 +574,17 @@ class ResumeTests(FailoverTestCase):
         self.assertGreaterEqual(result.resumed, 0.5 * served.length - 4 * MiB)
         self.assertTrue(all(seen.code == 206 for seen in self.origin.requests("direct.bin")[count:]))
 
+    async def test_a_source_whose_file_changed_length_is_fetched_whole(self) -> None:
+        """The kept pieces are another version's: the source's new, shorter file is fetched whole, not refused."""
+        served = self.serve("changed.bin", distinct_mebibytes(16))
+        first = self.request(served.url, nodes=(), local_limit=8 * MiB)
+        await self.cancel_at(first, 0.5)
+        now = self.serve("changed.bin", distinct_mebibytes(6))  # shorter: the missing ranges are past its end
+        again = DownloadRequest(url=first.url, output=first.output, sign="9-9.005", nodes=(), local_limit=0)
+        result = await self.download(again)
+        self.assertTrue(result.success, result.line())
+        self.assertEqual((sha256_file(again.output), result.from_source, result.resumed), (now.sha256, now.length, 0))
+
     def capture_warnings(self) -> list[str]:
         seen: list[str] = []
 
@@ -554,6 +595,57 @@ class ResumeTests(FailoverTestCase):
         globalLogPublisher.addObserver(watch)
         self.addCleanup(globalLogPublisher.removeObserver, watch)
         return seen
+
+
+class _SourceErrorNode(resource.Resource):
+    """A supernode that registers, answers the pull "source error" and never answers service/down."""
+
+    isLeaf = True
+
+    def answer(self, request: IRequest, code: int, data: Any = None) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"code": code, "msg": "x", **({"data": data} if data is not None else {})}).encode()
+
+    def render_POST(self, request: IRequest) -> bytes:
+        return self.answer(request, codes.SUCCESS, {"taskId": "ab" * 32, "fileLength": 200_000, "pieceSize": 65536})
+
+    def render_GET(self, request: IRequest) -> Any:
+        if request.path == b"/peer/service/down":
+            return server.NOT_DONE_YET
+        return self.answer(request, codes.SOURCE_ERROR if request.path == b"/peer/task" else codes.SUCCESS)
+
+
+class DeadlineTests(IntegrationTestCase):
+    """The download's deadline against the stages that used to outlive it (found in review)."""
+
+    async def test_a_deadline_during_the_service_down_stops_the_download(self) -> None:
+        """Before, the cancel was swallowed there: the whole source fetch ran after the deadline, then a bug."""
+        served = self.serve("a.bin", os.urandom(200_000))
+        factory = ClosingFactory(server.Site(_SourceErrorNode()))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(factory.close_all)
+        self.addCleanup(port.stopListening)
+        req = self.request(served.url, nodes=(("127.0.0.1", port.getHost().port),), timeout=1.0)
+        result = await self.download(req)
+        self.assertEqual((result.success, result.error, result.from_source), (False, "download timeout (1s)", 0),
+                         result.line())
+        self.assertEqual(self.origin.requests("a.bin"), [])
+
+    async def test_a_deadline_while_the_file_is_checked_keeps_the_download(self) -> None:
+        """Every byte is in and verified: a slow digest past the deadline still places the file."""
+        data = os.urandom(200_000)
+        served = self.serve("b.bin", data)
+        checked = engine_module.file_digest
+
+        def slow_disk(path: str, algorithm: str) -> str:
+            time.sleep(1.5)
+            return checked(path, algorithm)
+
+        self.patch(engine_module, "file_digest", slow_disk)
+        req = self.request(served.url, nodes=(), timeout=1.0, md5=hashlib.md5(data).hexdigest())
+        result = await self.download(req)
+        self.assertTrue(result.success, result.line())
+        self.assertEqual(sha256_file(req.output), served.sha256)
 
 
 # --- hostile and broken answers ------------------------------------------------------------

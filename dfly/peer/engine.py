@@ -325,6 +325,8 @@ class PeerEngine:
                 log.failure("download of {url} failed unexpectedly", url=redact_userinfo(req.url), sign=req.sign)
                 raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, f"internal error: {e!r}") from None
             await self._finish(run)
+            if not run.flow.running:  # cancelled while the file was being placed
+                raise CancelledError()
             run.flow.handle(Input.FINISHED)
             kept = self._keep_serving(run)
             result = DownloadResult(
@@ -420,6 +422,8 @@ class PeerEngine:
         """Tell the supernode this cid is gone (best effort: it only frees state)."""
         try:
             await self._api(node, "GET", "/peer/service/down", {"taskId": task_id, "cid": cid}, secret=secret)
+        except (CancelledError, ConnectingCancelledError):
+            raise  # the download's cancel or deadline: not a failed notice
         except Exception as e:
             log.warn("service down to {node} failed: {error}", node=format_node(node), error=e)
 
@@ -483,6 +487,7 @@ class PeerEngine:
                 except _NodeLost as e:
                     await self._stop_pieces(run)
                     _stop_if_cancelled(run)
+                    run.registered = None  # that supernode is gone or forgot us: nobody to leave
                     self.health.failed(node, e.error, down=e.down)
                     if flow.migrations >= self.max_migrations(run.nodes):
                         reason, error = codes.REASON_DOWNLOAD_ERROR, f"{e.error} (after {flow.migrations} migrations)"
@@ -490,7 +495,6 @@ class PeerEngine:
                         break
                     flow.handle(Input.NODE_LOST, e.error)
                     run.emit({"event": "migrate", "node": format_node(node), "why": e.error})
-                    run.registered = None  # that supernode is gone or forgot us: nobody to leave
                 except _P2PFailed as e:
                     await self._stop_pieces(run)
                     _stop_if_cancelled(run)
@@ -511,7 +515,9 @@ class PeerEngine:
         if run.registered is not None:
             registered, run.registered = run.registered, None
             await self.leave(*registered)
+            _stop_if_cancelled(run)
         await self._back_source(run, reason)
+        _stop_if_cancelled(run)
         flow.handle(Input.COMPLETE)
         return reason
 
@@ -531,8 +537,14 @@ class PeerEngine:
             d.cancel()
         closing = [writer.closed for writer in run.writers]
         if closing:
-            await gatherResults(closing, consumeErrors=True).addTimeout(STOP_WAIT, self.reactor).addErrback(
-                lambda f: log.warn("piece writers did not stop within {t}s: {e}", t=STOP_WAIT, e=f.getErrorMessage()))
+            try:
+                await gatherResults(closing, consumeErrors=True).addTimeout(STOP_WAIT, self.reactor)
+            except Exception as e:
+                # Their queued writes may still land on pieces verified after
+                # this: nothing in the working file can be trusted any more.
+                log.warn("piece writers did not stop within {t}s: {e}", t=STOP_WAIT, e=e, sign=run.req.sign)
+                run.broken = DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_WRITE_ERROR,
+                                            f"piece writes did not stop within {STOP_WAIT:g}s (the disk stalls)")
 
     # --- supernode API ----------------------------------------------------------
 
@@ -859,7 +871,7 @@ class PeerEngine:
             await self._report(run, ctx, "/peer/piece/suc",
                                {"taskId": ctx.task_id, "cid": ctx.cid, "dstCid": dst, "pieceRange": byte_range, "next": 1})
             return
-        if held_digest is not None:
+        if held_digest is not None and expected is not None:
             log.warn("piece {num} held here has sha256 {ours}, the supernode says {theirs}: fetched again",
                      num=num, ours=held_digest, theirs=piece.get("pieceDigest"), sign=run.req.sign)
             self._forget_piece(run, num)
@@ -881,6 +893,11 @@ class PeerEngine:
             raise CancelledError() from None
         except Exception as e:
             _stop_if_cancelled(run)  # our own cancel is nobody's fault
+            if ctx is not run.task:
+                # Stopped for a migration or the download's end (a cancel while
+                # waiting for headers surfaces as ResponseNeverReceived): no
+                # failure to count, nobody to blame, no report to send.
+                raise CancelledError() from None
             if not isinstance(e, _PieceFailed):
                 log.failure("piece {num} failed unexpectedly", num=num, sign=run.req.sign)
                 e = _PieceFailed("error", f"internal error: {e!r}")
@@ -1041,10 +1058,25 @@ class PeerEngine:
                      n=len(spans), bytes=sum(e - s + 1 for s, e in spans), kept=run.done, sign=req.sign)
             validator: str | None = None
             for first, last in spans:
-                opened = await self._open_source(run, reason, (first, last), validator)
-                if opened.status == 200:
+                try:
+                    opened = await self.source.open(req.url, req.headers, byte_range=(first, last), if_range=validator)
+                except SourceError as e:
+                    _stop_if_cancelled(run)
+                    if e.status != 416 or validator is not None:
+                        raise DownloadFailed(codes.ERR_DOWNLOAD, reason, e.reason) from None
+                    opened = None  # the file is shorter now: another version
+                if opened is not None and opened.status == 200:
                     log.info("the source answered a range with its whole body: writing it all", sign=req.sign)
                     await self._whole_from_source(run, reason, opened)
+                    return
+                if validator is None and (opened is None or opened.total_length not in (None, run.length)):
+                    # The first answer says the file changed since its pieces were
+                    # verified: they are another version's, so all of it anew.
+                    if opened is not None:
+                        abort_body(opened.response)
+                    log.warn("the source's file is no longer {length} bytes long: fetching all of it",
+                             length=run.length, sign=req.sign)
+                    await self._whole_from_source(run, reason, await self._open_whole(run, reason))
                     return
                 if (opened.status != 206 or opened.range_start != first or opened.length != last - first + 1
                         or opened.total_length not in (None, run.length)):
@@ -1061,11 +1093,14 @@ class PeerEngine:
 
                 run.from_source += await self._source_body(run, reason, opened, first, piece_done)
             return
+        await self._whole_from_source(run, reason, await self._open_whole(run, reason))
+
+    async def _open_whole(self, run: _Run, reason: int) -> SourceResponse:
         opened = await self._open_source(run, reason, None, None)
         if opened.status != 200:
             abort_body(opened.response)
             raise DownloadFailed(codes.ERR_DOWNLOAD, reason, f"source answered {opened.status}")
-        await self._whole_from_source(run, reason, opened)
+        return opened
 
     async def _open_source(self, run: _Run, reason: int, byte_range: tuple[int, int] | None,
                            if_range: str | None) -> SourceResponse:
@@ -1127,6 +1162,7 @@ class PeerEngine:
                     codes.ERR_DOWNLOAD, codes.REASON_DIGEST_MISMATCH,
                     f"{algorithm} mismatch: expected {expected}, got {actual}",
                 )
+        _stop_if_cancelled(run)  # nothing is placed for a download that was cancelled meanwhile
         try:
             await self._in_thread(storage.place, run.path, req.output, req.sign)
         except OSError as e:

@@ -17,7 +17,8 @@ out, or may still go on elsewhere::
 ``error`` (what no other stage can mend: refused credentials, a full disk,
 a digest mismatch, no back-to-source allowed), ``cancel`` and ``timeout``
 end every running state in ``failed``; in ``done`` and ``failed`` they
-change nothing.  Any other pair is a bug and raises `InvalidTransition`.
+change nothing.  The deadline stops in ``finishing``: the bytes are all in
+and verified, and what is left (fsync, digest, placing) is local.  Any other pair is a bug and raises `InvalidTransition`.
 The flow owns the download's deadline: a `Clock` drives it in tests.
 """
 
@@ -112,8 +113,10 @@ class DownloadFlow:
         self.why = why or self.why
         if old is State.P2P and new is State.MIGRATING:
             self.migrations += 1
-        if new in TERMINAL:
-            self.ended_by = event
+        if new in TERMINAL or new is State.FINISHING:
+            # Every byte is in and verified: fsync, the digest and placing the
+            # file run to their end (a deadline there would throw the file away).
+            self.ended_by = event if new in TERMINAL else None
             self._stop_deadline()
         self._on_change(old, event, new, why)
         return new

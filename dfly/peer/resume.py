@@ -182,6 +182,7 @@ class RecordWriter:
     _writing: Deferred[Any] | None = None
     _dirty: bool = False
     _closed: bool = False
+    _discarding: bool = False  # closed with discard: the record goes, nothing more is written
 
     def changed(self) -> None:
         if self._closed:
@@ -201,8 +202,8 @@ class RecordWriter:
 
     def _written(self, _: object) -> None:
         self._writing = None
-        if self._dirty and not self._closed:
-            self._write()
+        if self._dirty and not self._discarding:
+            self._write()  # a change made during the write (also after close: a kept record must have it)
 
     def flush(self) -> Deferred[None]:
         """Fires when the last change is on disk (or failed with a log line)."""
@@ -218,8 +219,11 @@ class RecordWriter:
         return done
 
     def close(self, discard: bool) -> Deferred[None]:
-        """No more writes; with ``discard`` the record goes (after the one in flight)."""
+        """No more changes; the last one is written (``discard``: the record goes instead)."""
         self._closed = True
+        self._discarding = discard
+        if self._dirty and self._writing is None and not discard:
+            self._write()
         d = self.flush()
         if discard:
             d.addCallback(lambda _: remove(self.working_path))
