@@ -13,18 +13,40 @@ fail the way a bug or a vanished file would, never by replacing a handler.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 from typing import Any
 
+from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Site
 
+from dfly import codes
 from dfly.config import Home
 from dfly.logs import open_log
 from dfly.peer import resume
+from dfly.peer.engine import PeerEngine
+from dfly.peer.hostmeta import TOKEN_HEADER
+from dfly.peer.localapi import LocalApi
+from dfly.peer.uploader import UploadStore
+from dfly.source import SourceClient
 from dfly.supernode import tap
+from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache
+from dfly.supernode.tasks import TaskManager
 from tests.test_integration import IntegrationTestCase
+from tests.test_supernode_api import ORIGIN, POLL_TIMEOUT, SupernodeApiTestCase, payload
+
+#: The text every forced failure carries: none of it may reach a client.
+SECRET = "leaked-internal-detail"
+TOKEN = "s3cret-token"
+
 
 def mode(path: str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
@@ -156,3 +178,160 @@ class PeerHomeModeTests(SynchronousTestCase):
         working = os.path.join(home.data, "f-0123456789abcdef.server")
         resume.save(working, b"{}")
         self.assertEqual(mode(resume.record_path(working)), 0o600)
+
+
+# --- the peer's local API: who may ask -----------------------------------------------------
+
+
+def local_api_exchange(api: LocalApi, client: str, server: str, body: bytes) -> bytes:
+    """One ``POST /local/download`` with the token, from ``client`` to the daemon's address ``server``.
+
+    A daemon listening on 0.0.0.0 sees, as its own address, the interface
+    the connection arrived on; the transport stands in for that socket.
+    """
+    transport = StringTransport(hostAddress=IPv4Address("TCP", server, 65001),
+                                peerAddress=IPv4Address("TCP", client, 40000))
+    channel = Site(api.resource(), reactor=Clock()).buildProtocol(None)  # its idle timer on a clock of its own
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        b"POST /local/download HTTP/1.1\r\nHost: " + server.encode() + b"\r\n" + TOKEN_HEADER + b": "
+        + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    answer = transport.value()
+    channel.connectionLost(ConnectionDone())
+    return answer
+
+
+def peer_api(testcase: SynchronousTestCase, engine_class: type[PeerEngine] = PeerEngine) -> LocalApi:
+    clock = Clock()
+    store = UploadStore(clock)
+    engine = engine_class(clock, None, Home(os.path.abspath(testcase.mktemp())).ensure(), uploads=store)
+    return LocalApi(engine, TOKEN, store)
+
+
+class LocalApiAddressTests(SynchronousTestCase):
+    """The token is not enough from another host: the daemon writes files as its user."""
+
+    def test_token_from_another_host_is_403(self) -> None:
+        """A client on another host (daemon listening on all interfaces) is refused, token or not."""
+        answer = local_api_exchange(peer_api(self), "192.0.2.99", "192.0.2.2", b"{}")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer[:200])
+
+    def test_token_from_loopback_passes_the_check(self) -> None:
+        """The same request from loopback gets past the check (its empty body is then a 400)."""
+        answer = local_api_exchange(peer_api(self), "127.0.0.1", "127.0.0.1", b"{}")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:200])
+
+
+# --- errors a client did not cause ---------------------------------------------------------
+
+
+class _BuggyEngine(PeerEngine):
+    """An engine with a bug: every download raises with internal detail in its text."""
+
+    def download(self, req: Any, emit: Any) -> Any:
+        raise RuntimeError(f"{SECRET} at {self.home.root}")
+
+
+class LocalApiErrorTests(SynchronousTestCase):
+    """An unexpected failure of a download ends the stream with a FAIL that says no more than that."""
+
+    def test_unexpected_download_error_has_no_exception_text(self) -> None:
+        """The result line says "internal error"; the exception's text and the home's path stay in the log."""
+        api = peer_api(self, _BuggyEngine)
+        body = json.dumps({"url": "http://origin.test/f", "output": "/tmp/out.bin", "sign": "1-1.000"}).encode()
+        answer = local_api_exchange(api, "127.0.0.1", "127.0.0.1", body)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn(b"internal error", answer)
+        for leak in (SECRET.encode(), api.engine.home.root.encode(), b"Traceback"):
+            self.assertNotIn(leak, answer)
+
+
+class _BuggyCache(CdnCache):
+    """A cache whose meta reading has a bug (one that names a path under the home)."""
+
+    def load_meta(self, task_id: str) -> Any:
+        raise RuntimeError(f"{SECRET}: cannot parse {self.meta_path(task_id)}")
+
+
+class _BuggyTasks(TaskManager):
+    """Task state whose pull has a bug."""
+
+    def pull(self, task_id: str, cid: str, cdn_ip: str, cdn_port: int, wait: float | None = None) -> Any:
+        raise RuntimeError(f"{SECRET} in {self.cache.repo}")
+
+
+class _VanishingCache(CdnCache):
+    """The data file is removed (by hand, by a cleanup script) while its fetch writes it."""
+
+    def open_for_write(self, task_id: str) -> int:
+        fd = super().open_for_write(task_id)
+        os.unlink(self.data_path(task_id))
+        return fd
+
+
+class _SupernodeWithBrokenParts(SupernodeApiTestCase):
+    """The real register API over a cache and task state of the subclass's choice."""
+
+    cache_class: type[CdnCache] = CdnCache
+    tasks_class: type[TaskManager] = TaskManager
+
+    def start_supernode(self, advertise_ip: str | None = "10.0.0.9") -> None:
+        self.home = os.path.abspath(self.home)
+        self.cache = self.cache_class(self.home)
+        source = SourceClient(http=self.origin_http, clock=self.clock)
+        self.tasks = self.tasks_class(self.cache, source, self.clock, poll_timeout=POLL_TIMEOUT)
+        self.addCleanup(self.tasks.stop)
+        self.http = StubTreq(SupernodeApi(self.tasks, 8001, advertise_ip).resource())
+
+    def assertNoLeak(self, body: bytes) -> None:
+        for leak in (SECRET.encode(), self.home.encode(), b"Traceback"):
+            self.assertNotIn(leak, body)
+
+
+class RegistrationErrorTests(_SupernodeWithBrokenParts):
+    """The register API answers a bug under a registration with a bare 500."""
+
+    cache_class = _BuggyCache
+
+    def test_unexpected_registration_error_is_500_internal_error(self) -> None:
+        """A bug under a registration is 500 with code 500 and the reason "internal error"."""
+        answer = self.register()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual((answer.status, answer.code, answer.json()["msg"]), (500, codes.SYSTEM_ERROR, "internal error"))
+
+    def test_unexpected_registration_error_has_no_exception_text(self) -> None:
+        """The exception's text and the home's path stay out of the body."""
+        answer = self.register()
+        self.flushLoggedErrors(RuntimeError)
+        self.assertNoLeak(answer.body)
+
+
+class PullErrorTests(_SupernodeWithBrokenParts):
+    """The same on the routes served outside klein (pulls and reports)."""
+
+    tasks_class = _BuggyTasks
+
+    def test_unexpected_pull_error_is_500_without_its_text(self) -> None:
+        """A bug under a pull is a 500 "internal error" with none of the exception's text."""
+        answer = self.pull("a" * 64)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual((answer.status, answer.json()["msg"]), (500, "internal error"))
+        self.assertNoLeak(answer.body)
+
+
+class FetchErrorTests(_SupernodeWithBrokenParts):
+    """A fetch that fails inside the supernode tells the task's peers so, not where or how."""
+
+    cache_class = _VanishingCache
+
+    def test_fetch_failing_on_the_supernode_s_disk_names_no_path(self) -> None:
+        """The cache file vanished before the digest check: the peers' 502 carries no path under the home."""
+        self.origin.files[b"/file"] = payload(5000)
+        digest = "sha256:" + hashlib.sha256(payload(5000)).hexdigest()
+        tid = self.register_ok(f"{ORIGIN}/file", digest=digest)
+        self.pump()
+        answer = self.pull(tid)
+        self.flushLoggedErrors(FileNotFoundError)
+        self.assertEqual(answer.status, 502)
+        self.assertNoLeak(answer.body)
