@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import attrs
 import yaml
 
+from dfly.private import private_dir
 from dfly.urls import check_url
 
 DEFAULT_SUPERNODE_PORT = 8002
@@ -153,9 +154,13 @@ class Home:
         return os.path.join(self.logs, name)
 
     def ensure(self) -> "Home":
-        """Create the tree (owner-only: host.meta holds the local API token)."""
+        """Create the tree, or tighten an existing one: owner-only (host.meta holds the local API token).
+
+        The root and its three directories are made 0700; what is inside
+        them keeps its mode (see `dfly.private`).
+        """
         for path in (self.root, self.logs, self.meta, self.data):
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            private_dir(path)
         return self
 
 

@@ -159,7 +159,8 @@ def json_app() -> Klein:
 
     `ApiError` keeps its status and code; unknown routes and wrong methods
     become 404/405; a path or Host that is not UTF-8 is a 400; anything
-    unexpected is logged and becomes a 500.
+    unexpected is logged with its traceback and becomes a 500 whose reason
+    is only "internal error".
     """
     app = _JsonKlein()
 
@@ -247,6 +248,15 @@ class FastRoutes(Resource):
         return NOT_DONE_YET
 
 
+#: The whole reason given for an error the client did not cause.
+INTERNAL_ERROR = "internal error"
+
+
 def _internal_error(request: IRequest, failure: Failure) -> bytes:
+    """A bug or an unforeseen failure: 500, and nothing of it but the words "internal error".
+
+    The exception's text often names a path under the home, a peer or a
+    URL of another caller; it and the traceback go to the log only.
+    """
     log.failure("unexpected error in {method} {path}", failure, method=request.method, path=request.path)
-    return error_body(request, ApiError(500, codes.SYSTEM_ERROR, f"internal error: {failure.getErrorMessage()}"))
+    return error_body(request, ApiError(500, codes.SYSTEM_ERROR, INTERNAL_ERROR))

@@ -23,6 +23,8 @@ from twisted.logger import (
     formatEvent,
 )
 
+from dfly.private import make_private_dirs, open_private
+
 #: The namespace of per-download events that go to ``dfclient.log``.
 CLIENT_NAMESPACE = "dfly.client"
 
@@ -53,9 +55,13 @@ def plain_line(stamp: float, level: str, sign: str | None, message: str) -> str:
 
 
 def open_log(path: str) -> io.TextIOWrapper:
-    """Append-mode text file, created with its directory; line-buffered."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return open(path, "a", encoding="utf-8", buffering=1)
+    """Append-mode text file, line-buffered; created 0600 (with its directory, 0700) if missing.
+
+    Logs name URLs, peers and hosts: no other local user's to read.
+    """
+    make_private_dirs(os.path.dirname(path) or ".")
+    fd = open_private(path, os.O_WRONLY | os.O_APPEND)
+    return open(fd, "a", encoding="utf-8", buffering=1)
 
 
 def line_observer(

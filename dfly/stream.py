@@ -220,7 +220,8 @@ class BodyWriter(Protocol):
             # A step of the tail raised (the worker, or a piece callback): the
             # body is not written as it should be, so it must not count as done.
             log.failure("writing a body failed", result)
-            self._error = Failure(StreamError(f"writing failed: {result.getErrorMessage()}"))
+            # A bug's text is for the log above, not for whoever is told of the failure.
+            self._error = Failure(StreamError("writing failed: internal error"))
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -320,10 +320,12 @@ class PeerEngine:
                 raise
             except DownloadFailed:
                 raise
-            except Exception as e:
-                # A bug, not the network: say where, and end the download with a reason.
+            except Exception:
+                # A bug, not the network: the traceback goes to the log, and the
+                # download ends with a reason that names no internals.
                 log.failure("download of {url} failed unexpectedly", url=redact_userinfo(req.url), sign=req.sign)
-                raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR, f"internal error: {e!r}") from None
+                raise DownloadFailed(codes.ERR_DOWNLOAD, codes.REASON_DOWNLOAD_ERROR,
+                                     "internal error (see the daemon's log)") from None
             await self._finish(run)
             if not run.flow.running:  # cancelled while the file was being placed
                 raise CancelledError()

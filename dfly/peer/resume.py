@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from dfly.logs import CLIENT_NAMESPACE
 from dfly.pieces import piece_count, piece_range
+from dfly.private import open_private
 from dfly.stream import RunBlocking
 
 log = Logger(namespace=CLIENT_NAMESPACE)
@@ -159,7 +160,7 @@ def save(working_path: str, data: bytes) -> None:
     """Write a record atomically (blocking)."""
     path = record_path(working_path)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 

@@ -24,6 +24,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
 from dfly.pieces import is_task_id, piece_count, piece_digest
+from dfly.private import make_private_dirs, open_private, private_dir
 from dfly.ratelimit import TokenBucket, send_range
 
 META_VERSION = 1
@@ -121,11 +122,22 @@ class CdnCache:
         """The path a peer GETs on the download port."""
         return f"/download/{task_id[:3]}/{task_id}"
 
+    def ensure(self) -> "CdnCache":
+        """Create ``repo/download`` (or tighten it, and the home): owner-only, as everything under it.
+
+        The cache holds blobs fetched with callers' credentials.  Only the
+        directories are tightened: an older dfly's 0644 entries sit behind
+        them (see `dfly.private`).
+        """
+        for path in (self.home, self.repo, os.path.join(self.repo, "download")):
+            private_dir(path)
+        return self
+
     def open_for_write(self, task_id: str) -> int:
-        """A fresh, empty data file; returns its descriptor."""
+        """A fresh, empty data file (0600, in a 0700 directory); returns its descriptor."""
         path = self.data_path(task_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        make_private_dirs(os.path.dirname(path))
+        return open_private(path, os.O_WRONLY | os.O_TRUNC)
 
     def load_meta(self, task_id: str) -> CacheMeta | None:
         """The stored meta of a complete, intact cache entry, or None.
@@ -194,9 +206,9 @@ class CdnCache:
     def save_meta(self, meta: CacheMeta) -> None:
         """Write the meta atomically, so a crash never leaves half a record."""
         path = self.meta_path(meta.task_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_private_dirs(os.path.dirname(path))
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8") as f:
             json.dump(meta.to_json(), f)
             f.flush()
             os.fsync(f.fileno())

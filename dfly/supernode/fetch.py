@@ -44,6 +44,23 @@ TRANSITIONS: dict[FetchState, frozenset[FetchState]] = {
 }
 
 
+def _reason(failure: Failure, task_id: str) -> str:
+    """Why a fetch failed, as the task's peers are told it (in their pulls' 502).
+
+    A `StreamError` is the source's doing (short, long, stalled body, wrong
+    digest) or a refused write, and says so without paths.  Anything else is
+    the supernode's own trouble: a cache file that vanished (its error names
+    the path) or a bug; the details go to the log only.
+    """
+    if failure.check(StreamError):
+        return failure.getErrorMessage()
+    if failure.check(OSError):
+        log.error("cache of taskID:{task_id} unreadable: {error}", task_id=task_id, error=failure.value)
+        return "the supernode cannot read its cache"
+    log.failure("fetch of taskID:{task_id} failed unexpectedly", failure, task_id=task_id)
+    return "internal error"
+
+
 class BadTransition(Exception):
     """The fetch was asked to move along an edge the table does not have."""
 
@@ -194,7 +211,7 @@ class CdnFetch:
                 # the meta keeps the verified prefix, so the next run resumes.
                 log.info("fetch of taskID:{task_id} stopped after {n} pieces", task_id=self.task_id, n=self.ready)
                 return
-            self.fail(f"CDN fetch of {source_url} failed: {failure.getErrorMessage()}")
+            self.fail(f"CDN fetch of {source_url} failed: {_reason(failure, self.task_id)}")
 
         def closed(_: object) -> Deferred[Any]:
             os.close(fd)

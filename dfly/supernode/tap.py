@@ -35,6 +35,7 @@ from dfly.services import ListeningService, LogObserverService, tcp_endpoint
 from dfly.ratelimit import TokenBucket, describe_limit
 from dfly.source import SourceClient
 from dfly.diskpool import DiskPool
+from dfly.private import private_dir
 from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache, CdnFiles
 from dfly.supernode.diskgc import DiskQuota
@@ -199,8 +200,12 @@ class _Supernode(Service):
         if quota is not None:
             log.info("cache: {quota}", quota=(f"at most {quota.limit} bytes" if quota.limit
                                               else "keeps 20% of its filesystem free"))
-            quota.start().addCallback(lambda _: self._disk_gc.start(DISK_GC_INTERVAL, now=True)).addErrback(
+            quota.start().addCallback(self._start_disk_gc).addErrback(
                 lambda f: log.failure("cache: cannot read the cache directory", f))
+
+    def _start_disk_gc(self, _: object) -> None:
+        if self.running:  # not when the supernode was stopped while the cache was read
+            self._disk_gc.start(DISK_GC_INTERVAL, now=True)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -224,12 +229,14 @@ class SupernodeParts:
 
 
 def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
-    os.makedirs(os.path.join(config.home, "logs"), exist_ok=True)
+    # Owner-only home, logs/ and cache directories, also when an older dfly
+    # left them 0755 (dfly.private says what is and is not tightened).
+    cache = CdnCache(config.home).ensure()
+    private_dir(os.path.join(config.home, "logs"))
     sources = parse_sources(config.sources, config.listen)
     for line in describe_sources(sources):
         log.info("source policy: {policy}", policy=line)
     http, pool = make_http_client(reactor, upstream_policy(config.ca_bundle, False), guard=sources.refusal)
-    cache = CdnCache(config.home)
     disk = DiskPool(reactor, config.disk_threads)
     tasks = TaskManager(
         cache=cache,
@@ -278,4 +285,10 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    # twistd opens its own ``-l`` log (and pid file) after this returns, with
+    # the process umask; under ``-n`` (containers, systemd) nothing else
+    # narrows it.  Keep group and other out of every file made from now on;
+    # bits the umask already masks stay masked, and ``--umask`` still applies
+    # to what twistd creates once the application starts.
+    os.umask(os.umask(0) | 0o077)
     return build_service(options["config_obj"], reactor).service

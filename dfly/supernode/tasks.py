@@ -467,11 +467,12 @@ class TaskManager:
             fetch.start(self._env, opened, shown, lambda n: self._piece_cached(task, n),
                         lambda _: self._fetch_ended(task), resume)
         except OSError as e:
-            abort_body(opened.response)
-            fetch.fail(f"cannot write the cache for taskID:{fetch.task_id}: {e}")
-            self._forget_task(task)
+            # The error names the cache file: the log has it, the caller does not.
             log.error("cannot write the cache for taskID:{task_id}: {error}", task_id=fetch.task_id, error=e)
-            raise ApiError(500, codes.SYSTEM_ERROR, f"the supernode cannot write its cache: {e.strerror or e}") from None
+            abort_body(opened.response)
+            fetch.fail(f"the supernode cannot write the cache for taskID:{fetch.task_id}")
+            self._forget_task(task)
+            raise ApiError(500, codes.SYSTEM_ERROR, "the supernode cannot write its cache") from None
         fetch.ended.addBoth(lambda _: slot.release())
         return task
 
