@@ -1067,7 +1067,7 @@ class ConnectTests(DfdaemonTestCase):
     async def test_connect_is_a_blind_tunnel(self) -> None:
         """200 Connection established, then bytes both ways to an echo server."""
         echo = self.listen(Factory.forProtocol(Echo))
-        daemon = await self.start_dfdaemon()
+        daemon = await self.start_dfdaemon(connect_ports=(echo,))
         client = await self.raw(daemon.port, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (echo, echo))
         self.assertEqual(await client.until(b"\r\n\r\n"), ESTABLISHED)
         client.transport.write(b"through the tunnel")

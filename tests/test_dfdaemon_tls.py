@@ -364,7 +364,7 @@ class ReactorTestCase(TestCase):
 
 
 class ServerCreatorTests(ReactorTestCase):
-    """``server_creator`` behind a TLS echo server: the leaf follows SNI."""
+    """``server_creator`` behind a TLS echo server: the leaf is the CONNECT host's, whatever SNI says."""
 
     def setUp(self) -> None:
         self.ca = new_ca(self)
@@ -375,14 +375,22 @@ class ServerCreatorTests(ReactorTestCase):
         echo = Factory.forProtocol(lambda: Echo(lost))
         return self.listen(TLSMemoryBIOFactory(self.ca.server_creator(default_host), False, echo))
 
-    async def test_each_server_name_gets_its_own_leaf(self) -> None:
-        """Two SNI names on one listener: each client verifies and sees its own name."""
-        port = self.tls_echo("default.test")
-        for name in ["a.test", "b.test"]:
-            probe = await self.handshake(port, name, self.ca)
-            self.assertEqual(probe.received, b"ping")
-            assert probe.peer_certificate is not None
-            self.assertEqual(san_of(probe.peer_certificate), [name])
+    async def test_the_connect_host_gets_its_leaf(self) -> None:
+        """A client of the CONNECT host verifies and sees that name."""
+        port = self.tls_echo("registry.test")
+        probe = await self.handshake(port, "registry.test", self.ca)
+        self.assertEqual(probe.received, b"ping")
+        assert probe.peer_certificate is not None
+        self.assertEqual(san_of(probe.peer_certificate), ["registry.test"])
+
+    async def test_another_server_name_gets_no_leaf_of_its_own(self) -> None:
+        """SNI for another host: the handshake offers the CONNECT host's leaf, which that client refuses."""
+        port = self.tls_echo("registry.test")
+        probe = await self.handshake(port, "other.test", self.ca)
+        self.assertEqual(probe.received, b"")
+        assert probe.reason is not None
+        self.assertIn("DNSMismatch", str(probe.reason.value))
+        self.assertRaises(KeyError, lambda: self.ca._leaves["other.test"])
 
     async def test_without_sni_the_default_host_is_used(self) -> None:
         """Clients send no SNI for IP literals: the default (CONNECT) host's leaf verifies."""
@@ -394,7 +402,7 @@ class ServerCreatorTests(ReactorTestCase):
 
     async def test_client_that_does_not_trust_the_ca_fails(self) -> None:
         """Another CA's clients refuse the handshake."""
-        port = self.tls_echo("default.test")
+        port = self.tls_echo("a.test")
         probe = await self.handshake(port, "a.test", new_ca(self))
         self.assertIsNone(probe.peer_certificate)
         self.assertEqual(probe.received, b"")
@@ -403,7 +411,7 @@ class ServerCreatorTests(ReactorTestCase):
 
     async def test_alpn_offering_client_gets_http_1_1(self) -> None:
         """A client offering h2 and http/1.1 (like curl) completes the handshake on http/1.1."""
-        port = self.tls_echo("default.test")
+        port = self.tls_echo("a.test")
         probe = await self.handshake(port, "a.test", self.ca, acceptableProtocols=[b"h2", b"http/1.1"])
         self.assertEqual(probe.received, b"ping")
         self.assertEqual(probe.negotiated, b"http/1.1")
