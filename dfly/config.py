@@ -398,6 +398,14 @@ def normalize_host(host: str) -> str:
     return name
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 @attrs.frozen
 class HostPattern:
     """A host as a rule names it: ``registry.example.internal``, ``*.example.internal`` or an IP literal.
@@ -417,7 +425,7 @@ class HostPattern:
         text = _string(value)
         wildcard = text.startswith("*.")
         name = normalize_host(text[2:] if wildcard else text)
-        if wildcard and not DNS_NAME.fullmatch(name):
+        if wildcard and _is_ip(name):
             raise ValueError(f"{text!r}: '*.' needs a domain name after it, not an IP address")
         return cls("*." + name if wildcard else name)
 

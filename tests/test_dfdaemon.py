@@ -1203,6 +1203,67 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("hijackHttps", str(e))
         self.assertNotIn("\n", str(e))
 
+    def test_connect_ports_default_to_443_and_load(self) -> None:
+        """connectPorts: [443] unless the file lists others (in order, once each); [] allows none."""
+        self.assertEqual(load_dfdaemon_config(self.write("port: 1\n"), required=True).connect_ports, (443,))
+        config = load_dfdaemon_config(self.write({"connectPorts": [8443, 443, 8443]}), required=True)
+        self.assertEqual(config.connect_ports, (8443, 443))
+        self.assertEqual(load_dfdaemon_config(self.write({"connectPorts": []}), required=True).connect_ports, ())
+
+    def test_bad_connect_ports_are_refused(self) -> None:
+        """A port that is not 1-65535, or not a list: one line naming the key."""
+        for bad in (443, [0], [65536], ["443"], [True]):
+            self.assertIn("'connectPorts'", self.refused({"connectPorts": bad}))
+
+    def test_proxy_auth_loads_one_or_a_list_and_stays_out_of_repr(self) -> None:
+        """proxyAuth: 'user:password' or a list; the password never shows in the config's repr."""
+        config = load_dfdaemon_config(self.write({"proxyAuth": "ci:s3cret"}), required=True)
+        self.assertEqual(config.proxy_auth, (b"ci:s3cret",))
+        self.assertNotIn("s3cret", repr(config))
+        config = load_dfdaemon_config(self.write({"proxyAuth": ["a:1", "b:p:w"]}), required=True)
+        self.assertEqual(config.proxy_auth, (b"a:1", b"b:p:w"))
+
+    def test_bad_proxy_auth_is_refused_without_repeating_it(self) -> None:
+        """No colon, an empty part, an empty list or a number: one line that does not echo the value."""
+        for bad in ("s3cret", ":s3cret", "user:", [], [1234], "us\ter:s3cret"):
+            error = self.refused({"proxyAuth": bad})
+            self.assertIn("'proxyAuth'", error)
+            self.assertNotIn("s3cret", error)
+
+    def test_host_keys_load(self) -> None:
+        """host: in proxy and hijack rules is normalized; a rule needs a regex or a host."""
+        config = load_dfdaemon_config(self.write({
+            "proxies": [{"host": "Downloads.Example", "action": "direct"}, {"host": "*.cdn.example", "regex": "/x"}],
+            "hijackHttps": {"cert": "c", "key": "k", "hosts": [{"host": "*.Registry.Example"}, {"host": "[::1]"}]},
+        }), required=True)
+        self.assertEqual([(r.host and r.host.text, r.regex and r.regex.pattern) for r in config.proxies],
+                         [("downloads.example", None), ("*.cdn.example", "/x")])
+        self.assertEqual([r.certificate_name for r in config.hijack_hosts], ["*.registry.example", "::1"])
+        self.assertIn("with a regex or a host", self.refused({"proxies": [{"action": "p2p"}]}))
+        self.assertIn("'hijackHttps'", self.refused({"hijackHttps": {"cert": "c", "key": "k",
+                                                                     "hosts": [{"host": "a", "regex": "a"}]}}))
+        self.assertIn("not a valid host name", self.refused({"proxies": [{"host": "a b"}]}))
+        self.assertIn("not an IP address", self.refused({"proxies": [{"host": "*.10.0.0.1"}]}))
+
+    def test_literal_hijack_regexes_name_their_host(self) -> None:
+        """A regex that spells one host (escaped dots, ^...$, :port) names it for the CA; a pattern names none."""
+        from dfly.config import literal_host
+
+        for regex in (r"registry\.example", r"^registry\.example$", r"registry\.example:5000", r"REGISTRY\.example"):
+            self.assertEqual(literal_host(regex), "registry.example", regex)
+        for regex in (r"registry.example", r".*\.example", r"registry\.example|evil", r"(a|b)\.example"):
+            self.assertIsNone(literal_host(regex), regex)
+
+    def test_hijack_ca_that_cannot_sign_for_a_rule_is_a_usage_error(self) -> None:
+        """A CA made for other hosts than the rules name stops the start, in one line."""
+        cert, key = generate_ca(self.mktemp(), hosts=["registry.example"])
+        ok = self.write({"hijackHttps": {"cert": cert, "key": key, "hosts": [{"regex": r"registry\.example"}]}})
+        self.assertEqual(len(self.parse("--config", ok, "--node", "sn1").hijack_hosts), 1)
+        bad = self.write({"hijackHttps": {"cert": cert, "key": key, "hosts": [{"host": "other.example"}]}})
+        e = self.assertRaises(usage.UsageError, self.parse, "--config", bad, "--node", "sn1")
+        self.assertIn("may not sign for other.example", str(e))
+        self.assertNotIn("\n", str(e))
+
     def test_flags_override_the_file(self) -> None:
         """Every flag beats its file value; what no flag sets (rules) stays from the file."""
         path = self.write({
