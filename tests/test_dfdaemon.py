@@ -411,6 +411,10 @@ class DfdaemonTestCase(TestCase):
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
+    def dfdaemon_reactor(self) -> Any:
+        """The reactor dfdaemons are built on (a subclass may give one that resolves names its own way)."""
+        return reactor
+
     async def start_supernode(self) -> SupernodeParts:
         config = SupernodeFileConfig(
             port=0, download_port=0, listen="127.0.0.1", home=self.supernode_home, advertise_ip="127.0.0.1"
@@ -431,7 +435,7 @@ class DfdaemonTestCase(TestCase):
             home=os.path.join(self.work, name), ratelimit=0,
         )
         values.update(changes)
-        parts = build_service(DfdaemonFileConfig(**values), reactor)
+        parts = build_service(DfdaemonFileConfig(**values), self.dfdaemon_reactor())
         recorder = RecordingEngine(parts.engine)
         parts.dfdaemon.engine = recorder  # type: ignore[assignment]
         proxy_connections = ClosingFactory(parts.proxy.factory)
