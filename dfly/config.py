@@ -12,6 +12,7 @@ import math
 import os
 import re
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 import attrs
 import yaml
@@ -403,22 +404,154 @@ DEFAULT_DFDAEMON_PORT = 65001
 #: What a blob URL looks like: these go peer-to-peer unless a rule says otherwise.
 BLOB_PATTERN = r"/v2/.+/blobs/sha256:[0-9a-f]{64}$"
 PROXY_ACTIONS = ("p2p", "direct", "use_https")
+#: Where a CONNECT may lead unless ``connectPorts`` says otherwise: HTTPS, so
+#: the proxy is no way to reach SSH, SMTP or a database port behind it.
+DEFAULT_CONNECT_PORTS = (443,)
+
+_DNS_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+#: A host name as certificates and rules carry it: lower case A-labels, no trailing dot.
+DNS_NAME = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+
+
+def normalize_host(host: str) -> str:
+    """``host`` as certificates, rules and caches compare it: lower case, A-labels, no brackets or trailing dot.
+
+    IP literals come back in their short form.  ValueError for anything that
+    is neither an IP address nor a DNS name.
+    """
+    name = host.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    try:
+        name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"not a valid host name: {host!r}") from None
+    if len(name) > 253 or not DNS_NAME.fullmatch(name):
+        raise ValueError(f"not a valid host name: {host!r}")
+    return name
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+@attrs.frozen
+class HostPattern:
+    """A host as a rule names it: ``registry.example.internal``, ``*.example.internal`` or an IP literal.
+
+    It matches exactly (after `normalize_host`), never as a part of a longer
+    name: ``registry.example.internal`` does not match
+    ``registry.example.internal.evil.net``.  ``*.example.internal`` matches
+    every name under ``example.internal``, at any depth, but not
+    ``example.internal`` itself.  The same text is what ``dfdaemon gen-ca``
+    writes into the CA's name constraints.
+    """
+
+    text: str  # normalized; "*." + a DNS name for a wildcard
+
+    @classmethod
+    def parse(cls, value: Any) -> HostPattern:
+        text = _string(value)
+        wildcard = text.startswith("*.")
+        name = normalize_host(text[2:] if wildcard else text)
+        if wildcard and _is_ip(name):
+            raise ValueError(f"{text!r}: '*.' needs a domain name after it, not an IP address")
+        return cls("*." + name if wildcard else name)
+
+    def matches(self, host: str) -> bool:
+        try:
+            name = normalize_host(host)
+        except ValueError:
+            return False
+        if self.text.startswith("*."):
+            return name.endswith(self.text[1:])
+        return name == self.text
+
+
+#: A regex that spells one host: letters, digits, ``_``, ``-`` and escaped dots or dashes.
+_LITERAL_REGEX_HOST = re.compile(r"(?:\\[.-]|[A-Za-z0-9_-])+")
+
+
+def literal_host(pattern: str) -> str | None:
+    r"""The one host a hijack regex stands for when it is a plain name, else None.
+
+    ``registry\.example\.internal``, ``^registry\.example\.internal$`` and
+    ``registry\.example\.internal:5000`` all spell ``registry.example.internal``;
+    ``.*\.example\.internal`` or an unescaped dot is a pattern, which no name
+    constraint can express.
+    """
+    body = pattern[1:] if pattern.startswith("^") else pattern
+    if body.endswith("$") and not body.endswith("\\$"):
+        body = body[:-1]
+    host, _, port = body.partition(":")
+    if (port and not port.isdigit()) or not _LITERAL_REGEX_HOST.fullmatch(host):
+        return None
+    try:
+        return normalize_host(re.sub(r"\\(.)", r"\1", host))
+    except ValueError:
+        return None
 
 
 @attrs.frozen
 class ProxyRule:
-    """``regex`` (searched in the full URL) decides what happens to a proxied request."""
+    r"""Decides what happens to a proxied request whose URL it matches.
 
-    regex: re.Pattern[str]
+    ``regex`` is *searched* in the full URL (``re.search``): the default
+    `BLOB_PATTERN` relies on that, and a rule about a host must anchor itself
+    (``^https?://downloads\.example\.internal[:/]``).  ``host`` (a
+    `HostPattern`) must equal the URL's host.  A rule with both needs both.
+    """
+
+    regex: re.Pattern[str] | None
     action: str  # p2p | direct | use_https
+    host: HostPattern | None = None
+
+    def matches(self, url: str) -> bool:
+        if self.host is not None:
+            try:
+                hostname = urlsplit(url).hostname
+            except ValueError:
+                return False
+            if hostname is None or not self.host.matches(hostname):
+                return False
+        return self.regex is None or self.regex.search(url) is not None
 
 
 @attrs.frozen
 class HijackRule:
-    """CONNECT to a host matching ``regex`` is decrypted with a certificate from our CA."""
+    r"""A CONNECT to a host this rule names is decrypted with a certificate from our CA.
 
-    regex: re.Pattern[str]
+    The rule names hosts by ``host`` (a `HostPattern`) or by ``regex``, which
+    must match the whole host or the whole ``host:port`` (``re.fullmatch``:
+    ``registry\.example\.internal`` does not match
+    ``registry.example.internal.evil.net``).
+    """
+
+    regex: re.Pattern[str] | None = None
     insecure: bool = False  # do not verify the real host's certificate
+    host: HostPattern | None = None
+
+    def matches(self, host: str, port: int) -> bool:
+        if self.host is not None:
+            return self.host.matches(host)
+        assert self.regex is not None
+        return self.regex.fullmatch(host) is not None or self.regex.fullmatch(f"{host}:{port}") is not None
+
+    @property
+    def certificate_name(self) -> str | None:
+        """What the CA's name constraints must permit for this rule; None for a regex that is a real pattern."""
+        if self.host is not None:
+            return self.host.text
+        assert self.regex is not None
+        return literal_host(self.regex.pattern)
 
 
 @attrs.frozen
@@ -440,6 +573,9 @@ class DfdaemonFileConfig:
     hijack_key: str | None = None
     hijack_hosts: tuple[HijackRule, ...] = ()
     timeouts: NodeTimeouts = NodeTimeouts()  # of the embedded peer engine
+    connect_ports: tuple[int, ...] = DEFAULT_CONNECT_PORTS
+    # b"user:password" each; kept out of repr so a logged config shows no password.
+    proxy_auth: tuple[bytes, ...] = attrs.field(default=(), repr=False)
 
 
 def _regex(value: Any) -> re.Pattern[str]:
@@ -452,36 +588,73 @@ def _regex(value: Any) -> re.Pattern[str]:
 
 
 def _rules(value: Any) -> tuple[ProxyRule, ...]:
-    """``[{regex: ..., action: p2p|direct|use_https}, ...]``, in order."""
+    """``[{regex: ..., host: ..., action: p2p|direct|use_https}, ...]``, in order; regex or host or both."""
     if not isinstance(value, list):
-        raise ValueError("expected a list of {regex, action}")
+        raise ValueError("expected a list of {regex, host, action}")
     rules = []
     for item in value:
-        if not isinstance(item, dict) or set(item) - {"regex", "action"}:
-            raise ValueError(f"each rule is {{regex: ..., action: ...}}, got {item!r}")
+        if not isinstance(item, dict) or set(item) - {"regex", "host", "action"} or not {"regex", "host"} & set(item):
+            raise ValueError(f"each rule is {{regex: ..., host: ..., action: ...}} with a regex or a host, got {item!r}")
         action = item.get("action", "p2p")
         if action not in PROXY_ACTIONS:
             raise ValueError(f"action must be one of {', '.join(PROXY_ACTIONS)}, got {action!r}")
-        rules.append(ProxyRule(_regex(item.get("regex")), action))
+        regex = _regex(item["regex"]) if "regex" in item else None
+        host = HostPattern.parse(item["host"]) if "host" in item else None
+        rules.append(ProxyRule(regex, action, host))
     return tuple(rules)
 
 
 def _hijack(value: Any) -> dict[str, Any]:
-    """``{cert: FILE, key: FILE, hosts: [{regex: ..., insecure: false}]}``."""
+    """``{cert: FILE, key: FILE, hosts: [{host: ... | regex: ..., insecure: false}]}``."""
     if not isinstance(value, dict) or set(value) - {"cert", "key", "hosts"}:
         raise ValueError("expected {cert, key, hosts}")
     if not value.get("cert") or not value.get("key"):
         raise ValueError("needs both cert and key (make them with 'dfdaemon gen-ca')")
     hosts = value.get("hosts") or []
     if not isinstance(hosts, list):
-        raise ValueError("hosts must be a list of {regex, insecure}")
+        raise ValueError("hosts must be a list of {host or regex, insecure}")
     rules = []
     for item in hosts:
-        if not isinstance(item, dict) or set(item) - {"regex", "insecure"}:
-            raise ValueError(f"each host is {{regex: ..., insecure: false}}, got {item!r}")
-        rules.append(HijackRule(_regex(item.get("regex")), _bool(item.get("insecure", False))))
+        if not isinstance(item, dict) or set(item) - {"regex", "host", "insecure"} or len({"regex", "host"} & set(item)) != 1:
+            raise ValueError(f"each host is {{host: ... or regex: ..., insecure: false}}, got {item!r}")
+        insecure = _bool(item.get("insecure", False))
+        if "host" in item:
+            rules.append(HijackRule(insecure=insecure, host=HostPattern.parse(item["host"])))
+        else:
+            rules.append(HijackRule(_regex(item["regex"]), insecure))
     return {"hijack_cert": _string(value.get("cert")), "hijack_key": _string(value.get("key")),
             "hijack_hosts": tuple(rules)}
+
+
+def _connect_ports(value: Any) -> tuple[int, ...]:
+    """``[443, 8443]``: the ports a CONNECT may reach; ``[]`` refuses every CONNECT."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of ports, e.g. [443], got {value!r}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 < item < 65536:
+            raise ValueError(f"invalid port {item!r}: expected 1-65535")
+    return tuple(dict.fromkeys(value))
+
+
+def _credentials(value: Any) -> tuple[bytes, ...]:
+    """``user:password`` or a list of them: what ``Proxy-Authorization: Basic`` must carry.
+
+    The messages never repeat a value: it is a password.
+    """
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected 'user:password' or a list of them")
+    credentials = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"expected 'user:password' strings, got a {type(item).__name__}")
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("each credential is 'user:password', with neither part empty")
+        if any(ord(c) < 0x20 or c == "\x7f" for c in item):
+            raise ValueError("a credential must not contain control characters")
+        credentials.append(item.encode("utf-8"))
+    return tuple(credentials)
 
 
 def check_registry(value: Any) -> str:
@@ -502,6 +675,8 @@ _DFDAEMON_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "insecure": ("insecure", _bool),
     "proxies": ("proxies", _rules),
     "hijackHttps": ("hijack", _hijack),
+    "connectPorts": ("connect_ports", _connect_ports),
+    "proxyAuth": ("proxy_auth", _credentials),
     **_TIMEOUT_KEYS,
 }
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import ipaddress
+from typing import Any, Mapping, Sequence
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IResolutionReceiver
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
 
 
 class ClosingFactory(WrappingFactory):
@@ -69,3 +73,58 @@ class RawClient(Protocol):
             d, self._wanted = self._wanted[1], None
             d.errback(AssertionError(f"closed before {d!r}; got {self.received!r}"))
         self.closed.callback(None)
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class LoopbackNames:
+    """A name resolver that never asks DNS, so no lookup or connection leaves loopback.
+
+    The names in *names* resolve to their (loopback) address, loopback IP
+    literals to themselves, and everything else, other IP literals included,
+    to no address at all (the connection fails as for an unknown host).
+    ``asked`` records every name looked up.
+    """
+
+    def __init__(self, names: Mapping[str, str] | None = None) -> None:
+        self.names = {name.lower(): address for name, address in (names or {}).items()}
+        self.asked: list[str] = []
+
+    def resolveHostName(self, resolutionReceiver: IResolutionReceiver, hostName: str, portNumber: int = 0,
+                        addressTypes: Sequence[Any] | None = None, transportSemantics: str = "TCP") -> IHostResolution:
+        name = hostName.decode("ascii") if isinstance(hostName, bytes) else hostName
+        self.asked.append(name)
+        resolution = _Resolution(name)
+        resolutionReceiver.resolutionBegan(resolution)
+        try:
+            address = ipaddress.ip_address(self.names.get(name.lower(), name))
+        except ValueError:
+            address = None
+        if address is not None and address.is_loopback:
+            kind = IPv4Address if address.version == 4 else IPv6Address
+            resolutionReceiver.addressResolved(kind("TCP", str(address), portNumber))
+        resolutionReceiver.resolutionComplete()
+        return resolution
+
+
+class ResolvingReactor:
+    """The real reactor with *resolver* as its name resolver, for code under test that takes a reactor.
+
+    Everything else (listening, connecting, timers) is the wrapped reactor's.
+    """
+
+    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
+        self._reactor = reactor
+        self.nameResolver = resolver
+        directlyProvides(self, *providedBy(reactor))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)

@@ -28,7 +28,9 @@ from typing import Any, Callable
 
 import attrs
 import yaml  # type: ignore[import-untyped]
+from cryptography import x509
 from twisted.internet import reactor as _reactor
+from twisted.internet import ssl
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -47,7 +49,9 @@ from zope.interface import implementer
 
 import dfly
 from dfly import codes
-from dfly.config import BLOB_PATTERN, DfdaemonFileConfig, ProxyRule, SupernodeFileConfig, load_dfdaemon_config
+from dfly.config import (
+    BLOB_PATTERN, DfdaemonFileConfig, HijackRule, HostPattern, ProxyRule, SupernodeFileConfig, load_dfdaemon_config,
+)
 from dfly.dfdaemon.ca import CertificateAuthority, generate_ca
 from dfly.dfdaemon.tap import DfdaemonParts, Options, build_service
 from dfly.peer.engine import PeerEngine
@@ -56,7 +60,7 @@ from dfly.peer.uploader import UploadStore
 from dfly.pieces import MiB
 from dfly.supernode.tap import SupernodeParts
 from dfly.supernode.tap import build_service as build_supernode
-from tests.loopback import ClosingFactory, RawClient
+from tests.loopback import ClosingFactory, LoopbackNames, RawClient, ResolvingReactor
 from tests.test_integration import distinct_mebibytes
 
 reactor: Any = _reactor
@@ -411,6 +415,10 @@ class DfdaemonTestCase(TestCase):
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
+    def dfdaemon_reactor(self) -> Any:
+        """The reactor dfdaemons are built on (a subclass may give one that resolves names its own way)."""
+        return reactor
+
     async def start_supernode(self) -> SupernodeParts:
         config = SupernodeFileConfig(
             port=0, download_port=0, listen="127.0.0.1", home=self.supernode_home, advertise_ip="127.0.0.1"
@@ -431,7 +439,7 @@ class DfdaemonTestCase(TestCase):
             home=os.path.join(self.work, name), ratelimit=0,
         )
         values.update(changes)
-        parts = build_service(DfdaemonFileConfig(**values), reactor)
+        parts = build_service(DfdaemonFileConfig(**values), self.dfdaemon_reactor())
         recorder = RecordingEngine(parts.engine)
         parts.dfdaemon.engine = recorder  # type: ignore[assignment]
         proxy_connections = ClosingFactory(parts.proxy.factory)
@@ -1067,7 +1075,7 @@ class ConnectTests(DfdaemonTestCase):
     async def test_connect_is_a_blind_tunnel(self) -> None:
         """200 Connection established, then bytes both ways to an echo server."""
         echo = self.listen(Factory.forProtocol(Echo))
-        daemon = await self.start_dfdaemon()
+        daemon = await self.start_dfdaemon(connect_ports=(echo,))
         client = await self.raw(daemon.port, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (echo, echo))
         self.assertEqual(await client.until(b"\r\n\r\n"), ESTABLISHED)
         client.transport.write(b"through the tunnel")
@@ -1085,6 +1093,107 @@ class ConnectTests(DfdaemonTestCase):
         status, _, body = split_response(client.received)
         self.assertTrue(status.startswith(b"HTTP/1.1 400 "), status)
         self.assertEqual(body, b"dfdaemon: the CONNECT target 'registry.test' is not host:port\n")
+
+
+class ProxyAuthTests(DfdaemonTestCase):
+    """proxyAuth set: the right Basic credentials let proxy requests and CONNECT through (the refusals are in
+    ``tests.adversarial``); mirror requests need none."""
+
+    CREDENTIALS = (b"ci:s3cret", b"other:pw")
+
+    def authorization(self, pair: bytes) -> bytes:
+        return b"Basic " + base64.b64encode(pair)
+
+    async def test_right_credentials_pass_a_proxy_request(self) -> None:
+        """Either configured pair works; the origin never sees Proxy-Authorization."""
+        self.registry.files[b"/other/x.txt"] = b"other"
+        daemon = await self.start_dfdaemon(proxy_auth=self.CREDENTIALS)
+        for pair in self.CREDENTIALS:
+            client = await self.raw(daemon.port, b"GET %s/other/x.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                    b"Proxy-Authorization: %s\r\n\r\n" % (self.registry_url.encode(),
+                                                                          self.authorization(pair)))
+            await client.closed
+            status, _, body = split_response(client.received)
+            self.assertTrue(status.startswith(b"HTTP/1.1 200 "), status)
+        self.assertEqual([hit.header(b"proxy-authorization") for hit in self.registry.hits], [None, None])
+
+    async def test_right_credentials_pass_a_connect(self) -> None:
+        """CONNECT with the credentials to an allowed port is a tunnel."""
+        echo = self.listen(Factory.forProtocol(Echo))
+        daemon = await self.start_dfdaemon(proxy_auth=self.CREDENTIALS, connect_ports=(echo,))
+        client = await self.raw(daemon.port, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nProxy-Authorization: %s\r\n\r\n"
+                                % (echo, self.authorization(b"ci:s3cret")))
+        self.assertEqual(await client.until(b"\r\n\r\n"), ESTABLISHED)
+        client.transport.loseConnection()
+        await client.closed
+
+    async def test_mirror_requests_need_no_credentials(self) -> None:
+        """Origin-form requests go to --registry only: proxyAuth does not apply to them."""
+        daemon = await self.start_dfdaemon(proxy_auth=self.CREDENTIALS)
+        response, body = await self.get(f"{daemon.url}/v2/")
+        self.assertEqual((response.code, body), (200, b"{}"))
+
+
+class HijackHostTests(DfdaemonTestCase):
+    """``hijackHttps`` hosts: the named host (exactly) is intercepted, with a CA made for it."""
+
+    def dfdaemon_reactor(self) -> Any:
+        # The request inside goes upstream to a made-up name: it must resolve to nothing, not reach DNS.
+        self.names = LoopbackNames()
+        return ResolvingReactor(reactor, self.names)
+
+    async def intercepted_name(self, rule: HijackRule, target: bytes) -> str:
+        """CONNECT *target*:443; the DNS name in the certificate dfdaemon answers with."""
+        cert, key = generate_ca(os.path.join(self.work, "ca"), hosts=["registry.test", "*.mirror.test"])
+        daemon = await self.start_dfdaemon(hijack_cert=cert, hijack_key=key, hijack_hosts=(rule,))
+        client = await self.raw(daemon.port, b"CONNECT %s:443 HTTP/1.1\r\n\r\n" % target)
+        self.assertEqual(await client.until(b"\r\n\r\n"), ESTABLISHED)
+        with open(cert, "rb") as f:
+            trust = ssl.Certificate.loadPEM(f.read())
+        client.transport.startTLS(ssl.optionsForClientTLS(target.decode(), trustRoot=trust))
+        client.transport.write(b"GET /_ping HTTP/1.1\r\nConnection: close\r\n\r\n")
+        await client.closed
+        self.assertIn(b"DNS lookup failed: no results", client.received)  # LoopbackNames, not DNS
+        certificate = client.transport.getPeerCertificate().to_cryptography()
+        [name] = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName)
+        return name
+
+    async def test_host_rule_intercepts_its_host(self) -> None:
+        """host: registry.test: CONNECT registry.test is answered with a certificate the client trusts."""
+        rule = HijackRule(host=HostPattern.parse("registry.test"))
+        self.assertEqual(await self.intercepted_name(rule, b"registry.test"), "registry.test")
+
+    async def test_wildcard_rule_intercepts_a_name_under_it(self) -> None:
+        """host: '*.mirror.test' covers eu.mirror.test."""
+        rule = HijackRule(host=HostPattern.parse("*.mirror.test"))
+        self.assertEqual(await self.intercepted_name(rule, b"eu.mirror.test"), "eu.mirror.test")
+
+    async def test_regex_rule_matches_host_and_port(self) -> None:
+        r"""A regex is matched against the whole host or the whole host:port."""
+        rule = HijackRule(re.compile(r"registry\.test:443"))
+        self.assertEqual(await self.intercepted_name(rule, b"registry.test"), "registry.test")
+
+    def test_host_patterns_match_whole_names(self) -> None:
+        """Exact names, wildcards for names under the domain only; case, trailing dots and IPv6 forms normalized."""
+        exact, wildcard = HostPattern.parse("registry.test"), HostPattern.parse("*.mirror.test")
+        self.assertEqual([exact.matches(h) for h in ("registry.test", "REGISTRY.test.", "registry.test.evil",
+                                                      "a.registry.test", "xregistry.test")],
+                         [True, True, False, False, False])
+        self.assertEqual([wildcard.matches(h) for h in ("eu.mirror.test", "a.b.mirror.test", "mirror.test",
+                                                         "mirror.test.evil", "evilmirror.test")],
+                         [True, True, False, False, False])
+        self.assertTrue(HostPattern.parse("[::1]").matches("0:0::1"))
+
+    def test_proxy_rules_need_both_their_regex_and_their_host(self) -> None:
+        """A proxy regex is searched in the URL; a host must equal the URL's host."""
+        rule = ProxyRule(re.compile(BLOB_PATTERN), "p2p", HostPattern.parse("registry.test"))
+        blob = f"/v2/a/blobs/sha256:{'a' * 64}"
+        self.assertEqual([rule.matches(url) for url in (f"https://registry.test:5000{blob}", f"http://registry.test{blob}",
+                                                         f"http://registry.test.evil{blob}", "http://registry.test/v2/",
+                                                         f"http://evil{blob}?registry.test")],
+                         [True, True, False, False, False])
+        self.assertTrue(ProxyRule(re.compile(BLOB_PATTERN), "p2p").matches(f"http://anywhere{blob}"))
 
 
 class ProbeGuardTests(DfdaemonTestCase):
@@ -1201,6 +1310,67 @@ class ConfigTests(SynchronousTestCase):
         path = self.write({"hijackHttps": {"cert": "/etc/ca.crt", "hosts": [{"regex": "x"}]}})
         e = self.assertRaises(usage.UsageError, self.parse, "--config", path, "--node", "sn1")
         self.assertIn("hijackHttps", str(e))
+        self.assertNotIn("\n", str(e))
+
+    def test_connect_ports_default_to_443_and_load(self) -> None:
+        """connectPorts: [443] unless the file lists others (in order, once each); [] allows none."""
+        self.assertEqual(load_dfdaemon_config(self.write("port: 1\n"), required=True).connect_ports, (443,))
+        config = load_dfdaemon_config(self.write({"connectPorts": [8443, 443, 8443]}), required=True)
+        self.assertEqual(config.connect_ports, (8443, 443))
+        self.assertEqual(load_dfdaemon_config(self.write({"connectPorts": []}), required=True).connect_ports, ())
+
+    def test_bad_connect_ports_are_refused(self) -> None:
+        """A port that is not 1-65535, or not a list: one line naming the key."""
+        for bad in (443, [0], [65536], ["443"], [True]):
+            self.assertIn("'connectPorts'", self.refused({"connectPorts": bad}))
+
+    def test_proxy_auth_loads_one_or_a_list_and_stays_out_of_repr(self) -> None:
+        """proxyAuth: 'user:password' or a list; the password never shows in the config's repr."""
+        config = load_dfdaemon_config(self.write({"proxyAuth": "ci:s3cret"}), required=True)
+        self.assertEqual(config.proxy_auth, (b"ci:s3cret",))
+        self.assertNotIn("s3cret", repr(config))
+        config = load_dfdaemon_config(self.write({"proxyAuth": ["a:1", "b:p:w"]}), required=True)
+        self.assertEqual(config.proxy_auth, (b"a:1", b"b:p:w"))
+
+    def test_bad_proxy_auth_is_refused_without_repeating_it(self) -> None:
+        """No colon, an empty part, an empty list or a number: one line that does not echo the value."""
+        for bad in ("s3cret", ":s3cret", "user:", [], [1234], "us\ter:s3cret"):
+            error = self.refused({"proxyAuth": bad})
+            self.assertIn("'proxyAuth'", error)
+            self.assertNotIn("s3cret", error)
+
+    def test_host_keys_load(self) -> None:
+        """host: in proxy and hijack rules is normalized; a rule needs a regex or a host."""
+        config = load_dfdaemon_config(self.write({
+            "proxies": [{"host": "Downloads.Example", "action": "direct"}, {"host": "*.cdn.example", "regex": "/x"}],
+            "hijackHttps": {"cert": "c", "key": "k", "hosts": [{"host": "*.Registry.Example"}, {"host": "[::1]"}]},
+        }), required=True)
+        self.assertEqual([(r.host and r.host.text, r.regex and r.regex.pattern) for r in config.proxies],
+                         [("downloads.example", None), ("*.cdn.example", "/x")])
+        self.assertEqual([r.certificate_name for r in config.hijack_hosts], ["*.registry.example", "::1"])
+        self.assertIn("with a regex or a host", self.refused({"proxies": [{"action": "p2p"}]}))
+        self.assertIn("'hijackHttps'", self.refused({"hijackHttps": {"cert": "c", "key": "k",
+                                                                     "hosts": [{"host": "a", "regex": "a"}]}}))
+        self.assertIn("not a valid host name", self.refused({"proxies": [{"host": "a b"}]}))
+        self.assertIn("not an IP address", self.refused({"proxies": [{"host": "*.10.0.0.1"}]}))
+
+    def test_literal_hijack_regexes_name_their_host(self) -> None:
+        """A regex that spells one host (escaped dots, ^...$, :port) names it for the CA; a pattern names none."""
+        from dfly.config import literal_host
+
+        for regex in (r"registry\.example", r"^registry\.example$", r"registry\.example:5000", r"REGISTRY\.example"):
+            self.assertEqual(literal_host(regex), "registry.example", regex)
+        for regex in (r"registry.example", r".*\.example", r"registry\.example|evil", r"(a|b)\.example"):
+            self.assertIsNone(literal_host(regex), regex)
+
+    def test_hijack_ca_that_cannot_sign_for_a_rule_is_a_usage_error(self) -> None:
+        """A CA made for other hosts than the rules name stops the start, in one line."""
+        cert, key = generate_ca(self.mktemp(), hosts=["registry.example"])
+        ok = self.write({"hijackHttps": {"cert": cert, "key": key, "hosts": [{"regex": r"registry\.example"}]}})
+        self.assertEqual(len(self.parse("--config", ok, "--node", "sn1").hijack_hosts), 1)
+        bad = self.write({"hijackHttps": {"cert": cert, "key": key, "hosts": [{"host": "other.example"}]}})
+        e = self.assertRaises(usage.UsageError, self.parse, "--config", bad, "--node", "sn1")
+        self.assertIn("may not sign for other.example", str(e))
         self.assertNotIn("\n", str(e))
 
     def test_flags_override_the_file(self) -> None:

@@ -18,9 +18,10 @@ from datetime import timedelta
 from typing import Any, Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import crypto
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
@@ -289,6 +290,97 @@ class LeafTests(SynchronousTestCase):
         verifyObject(IOpenSSLServerConnectionCreator, self.ca.server_creator("registry.test"))
 
 
+# --- name constraints ------------------------------------------------------------------
+
+
+def openssl_verifies(ca: CertificateAuthority, leaf: x509.Certificate) -> str:
+    """"ok", or why OpenSSL (what Twisted and curl use) refuses *leaf* under *ca* alone."""
+    store = crypto.X509Store()
+    store.add_cert(crypto.X509.from_cryptography(ca.certificate))
+    try:
+        crypto.X509StoreContext(store, crypto.X509.from_cryptography(leaf)).verify_certificate()
+    except crypto.X509StoreContextError as e:
+        return str(e)
+    return "ok"
+
+
+def forged_leaf(ca_dir: str, host: str) -> x509.Certificate:
+    """A leaf for *host* signed with the CA's own key, bypassing `CertificateAuthority` (a stolen key)."""
+    with open(os.path.join(ca_dir, "ca.key"), "rb") as f:
+        ca_key: Any = serialization.load_pem_private_key(f.read(), None)
+    with open(os.path.join(ca_dir, "ca.crt"), "rb") as f:
+        ca_cert = x509.load_pem_x509_certificate(f.read())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = ca_cert.not_valid_before_utc + timedelta(hours=1)  # the CA is backdated a day: valid now
+    return (
+        x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + timedelta(days=3))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+class NameConstraintTests(SynchronousTestCase):
+    """``generate_ca(hosts=...)``: a CA that may sign for the hijacked hosts and nothing else."""
+
+    def constrained(self, *hosts: str) -> tuple[str, CertificateAuthority]:
+        directory = self.mktemp()
+        return directory, CertificateAuthority.load(*generate_ca(directory, hosts=list(hosts)))
+
+    def test_names_are_permitted_and_every_ip_is_excluded(self) -> None:
+        """DNS hosts only: permitted DNS subtrees (``*.d`` as ``d``), all IPv4 and IPv6 excluded, critical."""
+        _, ca = self.constrained("Registry.Test", "*.mirror.test")
+        extension = ca.certificate.extensions.get_extension_for_class(x509.NameConstraints)
+        self.assertTrue(extension.critical)
+        self.assertEqual(extension.value.permitted_subtrees, [x509.DNSName("registry.test"), x509.DNSName("mirror.test")])
+        self.assertEqual(extension.value.excluded_subtrees, [
+            x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")), x509.IPAddress(ipaddress.ip_network("::/0"))])
+
+    def test_ip_hosts_alone_shut_out_every_name(self) -> None:
+        """IP hosts only: a /32 each, and DNS permitted only under the reserved ``invalid``."""
+        _, ca = self.constrained("127.0.0.1", "::1")
+        assert ca.constraints is not None
+        self.assertEqual(ca.constraints.permitted_subtrees, [
+            x509.DNSName("invalid"), x509.IPAddress(ipaddress.ip_network("127.0.0.1/32")),
+            x509.IPAddress(ipaddress.ip_network("::1/128"))])
+        self.assertIsNone(ca.constraints.excluded_subtrees)
+        self.assertFalse(ca.permits("registry.test"))
+
+    def test_permits_reads_the_constraints(self) -> None:
+        """The host and names under it, yes; a longer name that merely starts with it, or an IP, no."""
+        _, ca = self.constrained("registry.test")
+        self.assertEqual([ca.permits(h) for h in ("registry.test", "a.registry.test", "registry.test.evil.test",
+                                                   "xregistry.test", "127.0.0.1")],
+                         [True, True, False, False, False])
+
+    def test_no_leaf_outside_the_constraints(self) -> None:
+        """The CA refuses to mint a leaf its constraints leave out."""
+        _, ca = self.constrained("registry.test")
+        error = self.assertRaises(ValueError, ca.leaf_for, "other.test")
+        self.assertIn("name constraints do not permit 'other.test'", str(error))
+        self.assertRaises(ValueError, ca.server_creator, "other.test")
+
+    def test_openssl_accepts_our_leaves(self) -> None:
+        """Minted leaves for a permitted name and a permitted IP verify (an IP leaf has no CN to trip on)."""
+        _, ca = self.constrained("registry.test", "127.0.0.1")
+        self.assertEqual(openssl_verifies(ca, x509_of(ca.leaf_for("registry.test"))), "ok")
+        self.assertEqual(openssl_verifies(ca, x509_of(ca.leaf_for("127.0.0.1"))), "ok")
+
+    def test_openssl_refuses_a_forged_leaf_for_another_host(self) -> None:
+        """Even the CA's own key cannot make a leaf for another host that a client accepts."""
+        directory, ca = self.constrained("registry.test")
+        self.assertEqual(openssl_verifies(ca, forged_leaf(directory, "registry.test")), "ok")
+        self.assertIn("permitted subtree violation", openssl_verifies(ca, forged_leaf(directory, "bank.test")))
+
+    def test_bad_hosts_are_refused(self) -> None:
+        """No hosts at all, a bad name, or ``*.`` before an IP: ValueError, nothing written."""
+        for hosts in ([], ["bad name"], ["*.127.0.0.1"]):
+            directory = self.mktemp()
+            self.assertRaises(ValueError, generate_ca, directory, hosts=hosts)
+            self.assertFalse(os.path.exists(directory))
+
+
 # --- real handshakes -----------------------------------------------------------------
 
 
@@ -364,7 +456,7 @@ class ReactorTestCase(TestCase):
 
 
 class ServerCreatorTests(ReactorTestCase):
-    """``server_creator`` behind a TLS echo server: the leaf follows SNI."""
+    """``server_creator`` behind a TLS echo server: the leaf is the CONNECT host's, whatever SNI says."""
 
     def setUp(self) -> None:
         self.ca = new_ca(self)
@@ -375,14 +467,22 @@ class ServerCreatorTests(ReactorTestCase):
         echo = Factory.forProtocol(lambda: Echo(lost))
         return self.listen(TLSMemoryBIOFactory(self.ca.server_creator(default_host), False, echo))
 
-    async def test_each_server_name_gets_its_own_leaf(self) -> None:
-        """Two SNI names on one listener: each client verifies and sees its own name."""
-        port = self.tls_echo("default.test")
-        for name in ["a.test", "b.test"]:
-            probe = await self.handshake(port, name, self.ca)
-            self.assertEqual(probe.received, b"ping")
-            assert probe.peer_certificate is not None
-            self.assertEqual(san_of(probe.peer_certificate), [name])
+    async def test_the_connect_host_gets_its_leaf(self) -> None:
+        """A client of the CONNECT host verifies and sees that name."""
+        port = self.tls_echo("registry.test")
+        probe = await self.handshake(port, "registry.test", self.ca)
+        self.assertEqual(probe.received, b"ping")
+        assert probe.peer_certificate is not None
+        self.assertEqual(san_of(probe.peer_certificate), ["registry.test"])
+
+    async def test_another_server_name_gets_no_leaf_of_its_own(self) -> None:
+        """SNI for another host: the handshake offers the CONNECT host's leaf, which that client refuses."""
+        port = self.tls_echo("registry.test")
+        probe = await self.handshake(port, "other.test", self.ca)
+        self.assertEqual(probe.received, b"")
+        assert probe.reason is not None
+        self.assertIn("DNSMismatch", str(probe.reason.value))
+        self.assertRaises(KeyError, lambda: self.ca._leaves["other.test"])
 
     async def test_without_sni_the_default_host_is_used(self) -> None:
         """Clients send no SNI for IP literals: the default (CONNECT) host's leaf verifies."""
@@ -394,7 +494,7 @@ class ServerCreatorTests(ReactorTestCase):
 
     async def test_client_that_does_not_trust_the_ca_fails(self) -> None:
         """Another CA's clients refuse the handshake."""
-        port = self.tls_echo("default.test")
+        port = self.tls_echo("a.test")
         probe = await self.handshake(port, "a.test", new_ca(self))
         self.assertIsNone(probe.peer_certificate)
         self.assertEqual(probe.received, b"")
@@ -403,7 +503,7 @@ class ServerCreatorTests(ReactorTestCase):
 
     async def test_alpn_offering_client_gets_http_1_1(self) -> None:
         """A client offering h2 and http/1.1 (like curl) completes the handshake on http/1.1."""
-        port = self.tls_echo("default.test")
+        port = self.tls_echo("a.test")
         probe = await self.handshake(port, "a.test", self.ca, acceptableProtocols=[b"h2", b"http/1.1"])
         self.assertEqual(probe.received, b"ping")
         self.assertEqual(probe.negotiated, b"http/1.1")
@@ -683,26 +783,27 @@ class GenCaCommandTests(SynchronousTestCase):
     def test_gen_ca_prints_paths_and_how_to_use_them(self) -> None:
         """Exit 0; the two paths, then the dfdaemon.yml keys and the client side."""
         directory = os.path.abspath(self.mktemp())
-        code, out, err = self.run_main("gen-ca", "--dir", directory, "--name", "lab CA")
+        code, out, err = self.run_main("gen-ca", "--dir", directory, "--name", "lab CA", "--host", "registry.test")
         self.assertEqual((code, err), (0, ""))
         cert_path, key_path = os.path.join(directory, "ca.crt"), os.path.join(directory, "ca.key")
         lines = out.splitlines()
-        self.assertEqual(lines[:2], [f"CA certificate: {cert_path}", f"CA private key: {key_path}"])
-        self.assertIn(f"hijackHttps: {{cert: {cert_path}, key: {key_path}}}", lines[2])
-        self.assertIn("--src-cert-dir", lines[2])
-        self.assertEqual(len(lines), 3)
+        self.assertEqual(lines[:3], [f"CA certificate: {cert_path}", f"CA private key: {key_path}",
+                                     "It may sign for: registry.test"])
+        self.assertIn(f"hijackHttps: {{cert: {cert_path}, key: {key_path}}}", lines[3])
+        self.assertIn("--src-cert-dir", lines[3])
+        self.assertEqual(len(lines), 4)
         CertificateAuthority.load(cert_path, key_path)
 
     def test_existing_ca_is_an_error_unless_forced(self) -> None:
         """Exit 2 with one line on stderr; --force replaces."""
         directory = self.mktemp()
-        self.assertEqual(self.run_main("gen-ca", "--dir", directory)[0], 0)
-        code, out, err = self.run_main("gen-ca", "--dir", directory)
+        self.assertEqual(self.run_main("gen-ca", "--dir", directory, "--host", "registry.test")[0], 0)
+        code, out, err = self.run_main("gen-ca", "--dir", directory, "--host", "registry.test")
         self.assertEqual((code, out), (2, ""))
         self.assertTrue(err.startswith("dfdaemon: error: "), err)
         self.assertIn("--force", err)
         self.assertEqual(err.count("\n"), 1)
-        self.assertEqual(self.run_main("gen-ca", "--dir", directory, "--force")[0], 0)
+        self.assertEqual(self.run_main("gen-ca", "--dir", directory, "--host", "registry.test", "--force")[0], 0)
 
     def test_default_directory_is_under_the_home(self) -> None:
         """Without --dir the CA goes to ~/.small-dragonfly/dfdaemon/ca."""
@@ -710,9 +811,40 @@ class GenCaCommandTests(SynchronousTestCase):
         previous = os.environ["HOME"]
         os.environ["HOME"] = home
         self.addCleanup(os.environ.__setitem__, "HOME", previous)
-        code, out, _ = self.run_main("gen-ca")
+        code, out, _ = self.run_main("gen-ca", "--host", "registry.test")
         self.assertEqual(code, 0)
         self.assertIn(os.path.join(home, ".small-dragonfly", "dfdaemon", "ca", "ca.crt"), out)
+
+    def test_hosts_are_required(self) -> None:
+        """A CA for no named host would be a CA for every host: exit 2, saying how to name them."""
+        code, out, err = self.run_main("gen-ca", "--dir", self.mktemp())
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("--host NAME", err)
+
+    def test_config_gives_the_hijack_hosts(self) -> None:
+        """--config: the hijackHttps rules' hosts (host: and literal regexes) become the name constraints."""
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write("hijackHttps:\n  cert: c\n  key: k\n  hosts:\n"
+                    "    - {regex: '^registry\\.test$'}\n    - {host: '*.mirror.test'}\n")
+        directory = self.mktemp()
+        code, out, err = self.run_main("gen-ca", "--dir", directory, "--config", config, "--host", "127.0.0.1")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("It may sign for: 127.0.0.1, registry.test, *.mirror.test", out)
+        ca = CertificateAuthority.load(os.path.join(directory, "ca.crt"), os.path.join(directory, "ca.key"))
+        assert ca.constraints is not None
+        self.assertEqual(ca.constraints.permitted_subtrees, [
+            x509.DNSName("registry.test"), x509.DNSName("mirror.test"),
+            x509.IPAddress(ipaddress.ip_network("127.0.0.1/32"))])
+
+    def test_config_with_a_pattern_rule_is_refused(self) -> None:
+        """A regex that names no single host cannot become a name constraint: exit 2, pointing at host:."""
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write("hijackHttps: {cert: c, key: k, hosts: [{regex: '.*\\.test'}]}\n")
+        code, _, err = self.run_main("gen-ca", "--dir", self.mktemp(), "--config", config)
+        self.assertEqual(code, 2)
+        self.assertIn("is a pattern, not a host", err)
 
     def test_no_command_is_a_usage_error(self) -> None:
         """Plain ``dfdaemon`` points at twistd for the daemon."""

@@ -42,3 +42,12 @@ class ExampleConfigTests(SynchronousTestCase):
         self.assertEqual((config.port, config.listen, config.ratelimit), (65001, "127.0.0.1", 20 << 20))
         self.assertEqual([rule.action for rule in config.proxies], ["p2p"])
         self.assertTrue(config.proxies[0].regex.search("/v2/library/app/blobs/sha256:" + "a" * 64))
+
+    def test_dfdaemon_example_states_the_access_defaults(self) -> None:
+        """etc/dfdaemon.yml's connectPorts is the default (443 only) and it sets no proxyAuth."""
+        from dfly.config import DfdaemonFileConfig
+
+        config = load_dfdaemon_config(os.path.join(ETC, "dfdaemon.yml"), required=True)
+        self.assertEqual(config.connect_ports, DfdaemonFileConfig().connect_ports)
+        self.assertEqual(config.connect_ports, (443,))
+        self.assertEqual(config.proxy_auth, ())

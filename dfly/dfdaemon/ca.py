@@ -9,6 +9,14 @@ dfdaemon mints a short-lived leaf certificate per host name on demand
 (`CertificateAuthority`).  The other direction, dfdaemon to the real registry,
 verifies the registry like a browser would (`upstream_policy`).
 
+A CA that clients trust can vouch for any name, so it is kept as narrow as
+the hijack rules: ``gen-ca`` writes X.509 name constraints (RFC 5280
+4.2.1.10) that permit only the hijacked hosts (`name_constraints`), and
+dfdaemon itself mints a leaf only for the host of the CONNECT being served
+and only when the CA's constraints permit it.  A TLS client hello naming
+another host (SNI) still gets the CONNECT host's leaf, which that client
+then refuses: no certificate is ever made for a name the client picked.
+
 Everything runs on the reactor thread: minting an EC P-256 leaf takes about a
 millisecond, and each leaf is cached, so no thread pool is involved.
 """
@@ -17,10 +25,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tempfile
 from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
+from typing import Sequence
 
 import attrs
 from cryptography import x509
@@ -37,6 +45,8 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
+
+from dfly.config import normalize_host
 
 log = Logger(namespace="dfly.dfdaemon")
 
@@ -61,19 +71,60 @@ ALPN_PROTOCOLS = [b"http/1.1"]
 SigningKey = (
     rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | dsa.DSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
 )
-_DNS_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*")
+#: A DNS subtree no real name is in (RFC 6761 reserves ``.invalid``): permitting
+#: only it shuts out every DNS name when the CA is for IP addresses alone.
+NO_DNS_NAME = "invalid"
+#: Excluding these shuts out every IP address when the CA is for names alone
+#: (name constraints restrict only the name types they list).
+ALL_IP_ADDRESSES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
-def generate_ca(directory: str, common_name: str = "dfly dfdaemon CA", force: bool = False) -> tuple[str, str]:
+def name_constraints(hosts: Sequence[str]) -> x509.NameConstraints:
+    """Name constraints that let a CA sign for *hosts* and nothing else.
+
+    Each host is a DNS name, ``*.domain`` or an IP literal.  A DNS subtree
+    covers the name and every name under it (RFC 5280: labels may be added on
+    the left), so ``registry.example.internal`` also permits
+    ``x.registry.example.internal`` and ``*.example.internal`` is written as
+    ``example.internal``; an IP literal is a /32 (/128).  A type no host uses
+    is shut out entirely.  ValueError for an empty list or a bad name.
+    """
+    if not hosts:
+        raise ValueError("name at least one host the CA may sign for")
+    names: list[x509.GeneralName] = []
+    addresses: list[x509.GeneralName] = []
+    for host in hosts:
+        wildcard = host.startswith("*.")
+        name = normalize_host(host[2:] if wildcard else host)
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            names.append(x509.DNSName(name))
+            continue
+        if wildcard:
+            raise ValueError(f"{host!r}: '*.' needs a domain name after it, not an IP address")
+        addresses.append(x509.IPAddress(ipaddress.ip_network(address)))
+    permitted = list(dict.fromkeys(names or [x509.DNSName(NO_DNS_NAME)])) + list(dict.fromkeys(addresses))
+    excluded = None if addresses else [x509.IPAddress(network) for network in ALL_IP_ADDRESSES]
+    return x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=excluded)
+
+
+def generate_ca(directory: str, common_name: str = "dfly dfdaemon CA", force: bool = False,
+                hosts: Sequence[str] | None = None) -> tuple[str, str]:
     """Create ``ca.crt`` (0644) and ``ca.key`` (0600) in *directory*; return their paths.
 
     The key is EC P-256 and the certificate is valid for about ten years.
+    With *hosts* (what ``dfdaemon gen-ca --host`` passes) the certificate
+    carries critical `name_constraints` for them, so even its own key can
+    make no certificate a client accepts for another host; None leaves it
+    unconstrained (tests whose origin servers use the CA too).
     Existing files are kept unless *force*, because replacing the CA breaks
     every client that was told to trust the old one (FileExistsError).  The
     directory is created with mode 0700 when it does not exist.
     """
     if not common_name or len(common_name) > 64:
         raise ValueError(f"the CA name must be 1 to 64 characters, not {len(common_name)}")
+    constraints = None if hosts is None else name_constraints(hosts)
     cert_path = os.path.join(directory, CA_CERT_FILE)
     key_path = os.path.join(directory, CA_KEY_FILE)
     if not force:
@@ -87,7 +138,7 @@ def generate_ca(directory: str, common_name: str = "dfly dfdaemon CA", force: bo
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.now(timezone.utc)
-    certificate = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -105,8 +156,11 @@ def generate_ca(directory: str, common_name: str = "dfly dfdaemon CA", force: bo
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if constraints is not None:
+        # Critical, as RFC 5280 requires: a client that cannot apply them must refuse the CA.
+        builder = builder.add_extension(constraints, critical=True)
+    certificate = builder.sign(key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -159,6 +213,11 @@ class CertificateAuthority:
             raise ValueError(f"the CA certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
         self._cache_size = cache_size
         self._leaves: OrderedDict[str, _Leaf] = OrderedDict()
+        try:
+            self.constraints: x509.NameConstraints | None = certificate.extensions.get_extension_for_class(
+                x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            self.constraints = None
         # Lets clients find the issuer among several CAs with the same name.
         try:
             ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -195,27 +254,62 @@ class CertificateAuthority:
         except ValueError as e:
             raise ValueError(f"{cert_path}: {e}") from None
 
+    def permits(self, host: str) -> bool:
+        """Whether the CA's name constraints let it sign for *host* (always, for a CA without them).
+
+        The same reading as OpenSSL's and Go's: within each name type that
+        the constraints list, a name must be inside a permitted subtree (if
+        any is listed) and inside no excluded one.  A DNS subtree holds its
+        name and every name under it; ``.domain`` only the names under it.
+        """
+        if self.constraints is None:
+            return True
+        name = normalize_host(host)
+        try:
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(name)
+        except ValueError:
+            address = None
+
+        def inside(subtree: x509.GeneralName) -> bool | None:
+            """None when *subtree* is of another type than the name."""
+            if address is None and isinstance(subtree, x509.DNSName):
+                return _dns_within(name, subtree.value.lower())
+            if address is not None and isinstance(subtree, x509.IPAddress):
+                network = subtree.value
+                return isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)) and address in network
+            return None
+
+        permitted = [inside(subtree) for subtree in self.constraints.permitted_subtrees or ()]
+        excluded = [inside(subtree) for subtree in self.constraints.excluded_subtrees or ()]
+        same_type = [match for match in permitted if match is not None]
+        return (not same_type or any(same_type)) and not any(excluded)
+
     def leaf_for(self, host: str) -> ssl.PrivateCertificate:
         """The certificate (with its key) that dfdaemon presents as *host*.
 
         *host* is a DNS name or an IP literal (which gets an IP SAN).  Leaves
         are cached per host; one near its expiry is replaced.  ValueError for
-        a name no certificate can carry.
+        a name no certificate can carry, or that the CA's name constraints
+        do not permit.
         """
         return self._leaf(host).certificate
 
-    def server_creator(self, default_host: str) -> IOpenSSLServerConnectionCreator:
-        """Server-side TLS for one intercepted connection.
+    def server_creator(self, host: str) -> IOpenSSLServerConnectionCreator:
+        """Server-side TLS for one intercepted connection: *host*'s leaf, whatever the client asks for.
 
-        The leaf is chosen during the handshake from the name the client
-        sends (SNI); clients send none for IP literals, so *default_host*,
-        normally the CONNECT target, is used then.
+        *host* is the CONNECT target, the one host whose requests this
+        connection carries.  A server name (SNI) naming another host is
+        logged and changes nothing: that client's own check then refuses the
+        certificate.  ValueError (from `leaf_for`) before any handshake.
         """
-        self._leaf(default_host)  # a bad name fails here, not in the handshake
-        return _ServerNameCreator(self, default_host)
+        self._leaf(host)  # a bad or unpermitted name fails here, not in the handshake
+        return _ConnectHostCreator(self, host)
 
     def _leaf(self, host: str) -> _Leaf:
-        name = _normalize_host(host)
+        name = normalize_host(host)
+        if not self.permits(name):
+            raise ValueError(f"the CA's name constraints do not permit {name!r} "
+                             "(make a CA for it: dfdaemon gen-ca --host NAME)")
         now = self._now()
         leaf = self._leaves.get(name)
         if leaf is not None and leaf.not_after - now > LEAF_RENEW_MARGIN:
@@ -235,7 +329,10 @@ class CertificateAuthority:
         except ValueError:
             san = x509.DNSName(name)
         # A CN longer than 64 characters is invalid; the SAN is what clients check anyway.
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)] if len(name) <= 64 else [])
+        # An IP leaf has none: OpenSSL would check a CN like "127.0.0.1" against
+        # the CA's DNS name constraints, and fail it.
+        named = isinstance(san, x509.DNSName) and len(name) <= 64
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)] if named else [])
         not_after = min(now + LEAF_VALIDITY, self.certificate.not_valid_after_utc)
         certificate = (
             x509.CertificateBuilder()
@@ -270,24 +367,10 @@ class CertificateAuthority:
             certificate=private_certificate.original,
             acceptableProtocols=ALPN_PROTOCOLS,
         ).getContext()
-        # pyOpenSSL's callback rather than Twisted's contextForServerName,
-        # which Twisted 23.10 (our floor) does not have.
-        context.set_tlsext_servername_callback(self._on_server_name)
+        # Only to log a mismatch: the leaf never changes with the name a client sends.
+        context.set_tlsext_servername_callback(lambda connection: _note_server_name(connection, name))
         log.debug("minted a certificate for {host}", host=name)
         return _Leaf(private_certificate, context, not_after)
-
-    def _on_server_name(self, connection: SSL.Connection) -> None:
-        """During the handshake: switch to the leaf for the name the client sent."""
-        server_name = connection.get_servername()
-        if not server_name:
-            return  # keep the default host's leaf
-        try:
-            leaf = self._leaf(server_name.decode("ascii"))
-        except ValueError:
-            # Keep the default leaf: the client's own verification decides.
-            log.info("TLS client sent an unusable server name {name!r}", name=server_name)
-            return
-        connection.set_context(leaf.context)
 
     def _now(self) -> datetime:
         if self._clock is None:
@@ -295,16 +378,39 @@ class CertificateAuthority:
         return datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
 
 
-@implementer(IOpenSSLServerConnectionCreator)
-class _ServerNameCreator:
-    """Starts every connection on *default_host*'s leaf; the SNI callback may switch it."""
+def _note_server_name(connection: SSL.Connection, host: str) -> None:
+    """During the handshake: log a server name (SNI) that is not the CONNECT host; the leaf stays."""
+    server_name = connection.get_servername()
+    if not server_name:
+        return  # clients send none for IP literals
+    try:
+        same = normalize_host(server_name.decode("ascii")) == host
+    except (UnicodeDecodeError, ValueError):
+        same = False
+    if not same:
+        log.info("TLS client inside CONNECT {host} asked for {name!r}: it gets {host}'s certificate only",
+                 host=host, name=server_name)
 
-    def __init__(self, authority: CertificateAuthority, default_host: str) -> None:
+
+def _dns_within(name: str, subtree: str) -> bool:
+    """RFC 5280 DNS subtrees as OpenSSL and Go read them: ``""`` holds all, ``.d`` names under d, ``d`` also d."""
+    if not subtree:
+        return True
+    if subtree.startswith("."):
+        return name.endswith(subtree)
+    return name == subtree or name.endswith("." + subtree)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ConnectHostCreator:
+    """Every connection gets *host*'s leaf (looked up per connection: a cached leaf may have been renewed)."""
+
+    def __init__(self, authority: CertificateAuthority, host: str) -> None:
         self._authority = authority
-        self._default_host = default_host
+        self._host = host
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        return SSL.Connection(self._authority._leaf(self._default_host).context, None)
+        return SSL.Connection(self._authority._leaf(self._host).context, None)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -339,21 +445,3 @@ def _signature_hash(key: SigningKey) -> hashes.SHA256 | None:
     if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
         return None
     return hashes.SHA256()
-
-
-def _normalize_host(host: str) -> str:
-    """The name as it goes into a certificate (and the cache key): lower case, A-labels, no brackets."""
-    name = host.strip().lower().rstrip(".")
-    if name.startswith("[") and name.endswith("]"):
-        name = name[1:-1]
-    try:
-        return str(ipaddress.ip_address(name))
-    except ValueError:
-        pass
-    try:
-        name = name.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError(f"not a valid host name: {host!r}") from None
-    if len(name) > 253 or not _DNS_NAME.fullmatch(name):
-        raise ValueError(f"not a valid host name: {host!r}")
-    return name

@@ -12,18 +12,20 @@ therefore reaches the client unchanged and its token flow works.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IRequest, IResponse
+from twisted.web.iweb import IAgent, IPolicyForHTTPS, IRequest, IResponse
+
+from dfly.httpclient import QuietConnectionPool
 
 log = Logger(namespace="dfly.dfdaemon")
 
@@ -104,14 +106,16 @@ async def forward(request: IRequest, url: str, agent: IAgent, clock: IReactorTim
     await relay.done
 
 
-def fail(request: IRequest, status: int, message: str) -> None:
-    """A one-line text error, unless the response already started (then only drop the connection)."""
+def fail(request: IRequest, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """A one-line text error (with *headers*), unless the response already started (then only drop the connection)."""
     if request.startedWriting:
         if request.channel is not None:
             request.channel.transport.abortConnection()
         return
     request.setResponseCode(status)
     request.responseHeaders = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
+    for name, value in headers:
+        request.responseHeaders.addRawHeader(name, value)
     body = (message + "\n").encode("utf-8")
     request.setHeader(b"content-length", str(len(body)).encode())
     request.write(body)
@@ -170,8 +174,16 @@ class Relay(Protocol):
         self.done.callback(None)
 
 
-def agent_for(reactor: Any, pool: Any, policy: Any, connect_timeout: float = 10.0) -> IAgent:
-    """An agent that follows no redirects (the client does) over ``pool``."""
-    from twisted.web.client import Agent
+def agent_for(reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float = 10.0) -> tuple[IAgent, HTTPConnectionPool]:
+    """An agent that follows no redirects (the client does), and the pool that is its alone.
 
-    return Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=connect_timeout)
+    One pool per TLS policy, never shared: Twisted pools connections by
+    (scheme, host, port) only, so an agent that skips verification (an
+    ``insecure`` hijack rule) would leave a connection in a shared pool that
+    a verifying agent then reuses for the same host, unverified.  Close the
+    pool on stop.  No automatic retries: a forwarded POST or PUT must not
+    be sent twice.
+    """
+    pool = QuietConnectionPool(reactor, persistent=True)
+    pool.retryAutomatically = False
+    return Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=connect_timeout), pool

@@ -7,13 +7,20 @@ What arrives, and where it goes:
   registry mirror): forwarded to ``--registry``; a blob GET
   (``/v2/<name>/blobs/sha256:<hex>``) goes peer-to-peer instead;
 - absolute-form ``GET http://host/path`` (``HTTP_PROXY`` pointing here): the
-  first ``proxies`` rule whose regex is found in the URL decides: ``p2p``,
+  first ``proxies`` rule that matches the URL (`ProxyRule.matches`: its
+  regex found in the URL, its host equal to the URL's) decides: ``p2p``,
   ``direct`` (forwarded), or ``use_https`` (forwarded over https); no match
   is ``direct``;
-- ``CONNECT host:port`` (``HTTPS_PROXY``): a blind tunnel, unless the host
-  matches a ``hijackHttps`` rule: then we are the TLS server (a certificate
-  for that host minted by our CA) and the decrypted requests go through the
-  same rules with ``https://host:port`` in front of their path.
+- ``CONNECT host:port`` (``HTTPS_PROXY``), to a port in ``connectPorts``
+  only: a blind tunnel, unless the host matches a ``hijackHttps`` rule
+  (the whole host: `HijackRule.matches`): then we are the TLS server (a
+  certificate for that host, and only that host, minted by our CA) and the
+  decrypted requests go through the same rules with ``https://host:port``
+  in front of their path.
+
+Proxy requests and CONNECT pass `ProxyGate` first (``proxyAuth``, and no
+proxying at all beyond loopback without it); a decrypted request inside a
+hijacked CONNECT was let in with its CONNECT.
 
 Requests are dispatched in `DfdaemonRequest.process`, before twisted.web's
 resource traversal would trip over absolute or authority-form targets.
@@ -38,6 +45,7 @@ from twisted.web.iweb import IAgent, IRequest
 import dfly
 from dfly import codes
 from dfly.config import DfdaemonFileConfig, HijackRule
+from dfly.dfdaemon.access import ProxyGate
 from dfly.dfdaemon.blobs import blob_digest, serve_p2p
 from dfly.dfdaemon.ca import CertificateAuthority
 from dfly.dfdaemon.forward import fail, forward
@@ -59,13 +67,15 @@ class Dfdaemon:
     agent: IAgent  # to registries and proxied hosts, verifying as configured
     insecure_agent: IAgent  # for hijacked hosts whose rule says insecure
     ca: CertificateAuthority | None = None
+    gate: ProxyGate = attrs.field(default=attrs.Factory(lambda self: ProxyGate.from_config(self.config),
+                                                        takes_self=True))
 
     async def handle(self, request: IRequest, upstream: str | None = None, agent: IAgent | None = None) -> None:
         uri = request.uri.decode("latin-1")
         if request.method == b"CONNECT":
             if upstream is not None:
                 fail(request, 400, "dfdaemon: CONNECT inside an intercepted connection")
-            else:
+            elif self._let_in(request):
                 self.connect(request)
             return
         absolute = upstream is None and uri.startswith(("http://", "https://"))
@@ -73,6 +83,8 @@ class Dfdaemon:
             _check_target(uri, absolute)
         except ValueError as e:
             fail(request, 400, f"dfdaemon: {e}")
+            return
+        if absolute and not self._let_in(request):
             return
         if upstream is not None:  # decrypted from a hijacked CONNECT
             await self.proxy(request, upstream + uri, agent or self.agent)
@@ -101,8 +113,16 @@ class Dfdaemon:
         else:
             await forward(request, url, self.agent, self.reactor)
 
+    def _let_in(self, request: IRequest) -> bool:
+        """Whether a proxy request or CONNECT passes the gate; answers it (407 or 403) when not."""
+        refusal = self.gate.check_proxy(request.getHeader(b"proxy-authorization"))
+        if refusal is None:
+            return True
+        fail(request, refusal.status, refusal.message, refusal.headers)
+        return False
+
     async def proxy(self, request: IRequest, url: str, agent: IAgent) -> None:
-        action = next((rule.action for rule in self.config.proxies if rule.regex.search(url)), "direct")
+        action = next((rule.action for rule in self.config.proxies if rule.matches(url)), "direct")
         if action == "use_https" and url.startswith("http://"):
             url = "https://" + url[len("http://"):]
         if action == "p2p" and request.method == b"GET":
@@ -120,20 +140,29 @@ class Dfdaemon:
         except ValueError as e:
             fail(request, 400, f"dfdaemon: {e}")
             return
+        refusal = self.gate.check_connect_port(host, port)
+        if refusal is not None:
+            fail(request, refusal.status, refusal.message, refusal.headers)
+            return
         rule = self._hijack_rule(host, port)
         if rule is None or self.ca is None:
+            open_tunnel(request, self.reactor, host, port)
+            return
+        try:
+            # The CONNECT's host, never a name from SNI or a header: the only host this connection reaches.
+            tls = self.ca.server_creator(host)
+        except ValueError as e:
+            log.warn("not intercepting CONNECT {host}:{port}, a blind tunnel instead: {why}", host=host, port=port,
+                     why=e)
             open_tunnel(request, self.reactor, host, port)
             return
         upstream = hyperlink.URL(scheme="https", host=host, port=port).to_text()  # brackets, default port left out
         site = InterceptedSite(self, upstream, self.insecure_agent if rule.insecure else self.agent)
         log.info("intercepting CONNECT {host}:{port}", host=host, port=port)
-        take_over(request, site.buildProtocol(None), self.ca.server_creator(host))
+        take_over(request, site.buildProtocol(None), tls)
 
     def _hijack_rule(self, host: str, port: int) -> HijackRule | None:
-        for rule in self.config.hijack_hosts:
-            if rule.regex.search(host) or rule.regex.search(f"{host}:{port}"):
-                return rule
-        return None
+        return next((rule for rule in self.config.hijack_hosts if rule.matches(host, port)), None)
 
 
 def _credentials_to_header(request: IRequest, url: str) -> str:

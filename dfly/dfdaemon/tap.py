@@ -10,14 +10,17 @@ dfdaemon on port 0 without twistd.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
-from typing import Any
+from typing import Any, Sequence
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
@@ -46,6 +49,8 @@ from dfly.peer.uploader import UploadStore
 from dfly.ratelimit import HostLimit
 from dfly.services import ListeningService, LogObserverService, tcp_endpoint
 from dfly.webbounds import BoundedSite
+
+log = Logger(namespace="dfly.dfdaemon")
 
 
 class Options(usage.Options):
@@ -124,10 +129,28 @@ def dfdaemon_config(options: dict[str, Any]) -> DfdaemonFileConfig:
         raise ValueError("no supernode: give --node host[:port] or nodes in the config file")
     if config.ca_bundle is not None:
         upstream_policy(config.ca_bundle, False)  # an unreadable bundle stops the start with its reason
+    if config.hijack_cert is not None:
+        check_hijack_ca(config)
     home = os.path.abspath(os.path.expanduser(config.home))
     localrepo = os.path.abspath(os.path.expanduser(config.localrepo)) if config.localrepo else None
     return attrs.evolve(config, home=home, localrepo=localrepo)
 
+
+
+def check_hijack_ca(config: DfdaemonFileConfig) -> CertificateAuthority:
+    """The hijack CA, when it may sign for every host a hijack rule names literally; ValueError otherwise.
+
+    A rule that is a real regex is checked per CONNECT instead (a host the
+    CA may not sign for is then tunnelled, not intercepted).
+    """
+    assert config.hijack_cert is not None and config.hijack_key is not None
+    ca = CertificateAuthority.load(config.hijack_cert, config.hijack_key)
+    for rule in config.hijack_hosts:
+        name = rule.certificate_name
+        if name is not None and not ca.permits(name.removeprefix("*.")):
+            raise ValueError(f"hijackHttps: the CA {config.hijack_cert} may not sign for {name} (its name "
+                             f"constraints leave it out): make one with 'dfdaemon gen-ca --host {name}'")
+    return ca
 
 
 #: The names dfdaemon gives files in --localrepo (a blob, or its temporary
@@ -136,12 +159,13 @@ LOCALREPO_NAMES = re.compile(r"\.?[0-9a-f]{32}(\.[^/]+\.tmp)?")
 
 
 class _Housekeeping(Service):
-    """Sweeps --localrepo (when it is not the engine's data/) and closes the proxy's pool."""
+    """Sweeps --localrepo (when it is not the engine's data/) and closes the proxy's pools."""
 
-    def __init__(self, localrepo: str | None, uploads: UploadStore, pool: HTTPConnectionPool, clock: Any) -> None:
+    def __init__(self, localrepo: str | None, uploads: UploadStore, pools: Sequence[HTTPConnectionPool],
+                 clock: Any) -> None:
         self.localrepo = localrepo
         self.uploads = uploads
-        self.pool = pool
+        self.pools = pools
         self._sweep = LoopingCall(self.sweep)
         self._sweep.clock = clock
         self.clock = clock
@@ -158,7 +182,7 @@ class _Housekeeping(Service):
         super().stopService()
         if self._sweep.running:
             self._sweep.stop()
-        return self.pool.closeCachedConnections()
+        return gatherResults([pool.closeCachedConnections() for pool in self.pools])
 
 
 @attrs.frozen
@@ -177,6 +201,12 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     logs = os.path.join(config.home, "logs")
     os.makedirs(logs, mode=0o700, exist_ok=True)
     ca = CertificateAuthority.load(config.hijack_cert, config.hijack_key) if config.hijack_cert else None
+    if ca is not None and ca.constraints is None:
+        log.warn("the hijackHttps CA {cert} has no name constraints: a client that trusts it accepts its "
+                 "certificates for any host; make a new one with 'dfdaemon gen-ca --host NAME'", cert=config.hijack_cert)
+    if not ipaddress.ip_address(config.listen).is_loopback and not config.proxy_auth:
+        log.warn("dfdaemon listens on {listen} without proxyAuth: it serves registry-mirror requests only, "
+                 "and answers proxy requests and CONNECT with 403", listen=config.listen)
 
     # The engine's own fetches (back to source) trust what the proxy trusts.
     policy = upstream_policy(config.ca_bundle, config.insecure)
@@ -190,10 +220,9 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     peer = ListeningService(tcp_endpoint(reactor, config.peer_port, "0.0.0.0"),
                             BoundedSite(LocalApi(engine, token, uploads).resource()), "peer server")
 
-    proxy_pool = HTTPConnectionPool(reactor, persistent=True)
-    proxy_pool.retryAutomatically = False
-    agent = agent_for(reactor, proxy_pool, policy)
-    insecure_agent = agent_for(reactor, proxy_pool, upstream_policy(config.ca_bundle, True))
+    # Two agents, two pools: a connection made without verification never serves a verified request.
+    agent, proxy_pool = agent_for(reactor, policy)
+    insecure_agent, insecure_pool = agent_for(reactor, upstream_policy(config.ca_bundle, True))
     dfdaemon = Dfdaemon(reactor, config, engine, localrepo, agent, insecure_agent, ca)
     proxy = ListeningService(tcp_endpoint(reactor, config.port, config.listen), DfdaemonSite(dfdaemon), "dfdaemon proxy")
 
@@ -202,7 +231,8 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     LogObserverService(line_observer(log_file, make_sign(os.getpid(), reactor.seconds())), log_file.close).setServiceParent(top)
     daemon_config = PeerConfig(home=home.root, port=config.peer_port, alivetime=0)
     PeerDaemon(home, engine, uploads, peer, token, daemon_config, reactor, lambda: None, pool).setServiceParent(top)
-    _Housekeeping(None if localrepo == home.data else localrepo, uploads, proxy_pool, reactor).setServiceParent(top)
+    _Housekeeping(None if localrepo == home.data else localrepo, uploads, (proxy_pool, insecure_pool),
+                  reactor).setServiceParent(top)
     peer.setServiceParent(top)
     proxy.setServiceParent(top)
     return DfdaemonParts(top, dfdaemon, proxy, peer, engine)

@@ -531,12 +531,14 @@ class HijackTests(RegistryTestCase):
         await self.push(os.path.join(self.work, "image"))
 
         dfly_ca = os.path.join(self.work, "dfly-ca")
-        code, said = await self.run_command("dfdaemon gen-ca", [console_script("dfdaemon"), "gen-ca", "--dir", dfly_ca],
+        code, said = await self.run_command("dfdaemon gen-ca", [console_script("dfdaemon"), "gen-ca", "--dir", dfly_ca,
+                                                                "--host", REGISTRY_NAME],
                                             self.env())
         self.assertEqual(code, 0, said)
         config = os.path.join(self.work, "dfdaemon.yml")
         with open(config, "w") as f:
-            json.dump({"caBundle": registry_ca,
+            # The registry is not on 443: its port must be a connectPorts entry, or the CONNECT is a 403.
+            json.dump({"caBundle": registry_ca, "connectPorts": [self.registry_port],
                        "hijackHttps": {"cert": os.path.join(dfly_ca, "ca.crt"), "key": os.path.join(dfly_ca, "ca.key"),
                                        "hosts": [{"regex": "^" + re.escape(REGISTRY_NAME) + "$"}]}}, f)
         # The supernode trusts the registry's CA through --ca-bundle, dfdaemon
