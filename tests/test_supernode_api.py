@@ -198,13 +198,18 @@ class SupernodeApiTestCase(SynchronousTestCase):
         source = SourceClient(http=self.origin_http, clock=self.clock)
         self.tasks = TaskManager(self.cache, source, self.clock, poll_timeout=POLL_TIMEOUT, **self.options)
         self.addCleanup(self.tasks.stop)
-        # The fake peers advertise 192.0.2.x, all through StubTreq's one client
-        # address: trusted, like a NAT'd network (the address check has its
-        # own tests, tests/adversarial/test_peer_auth.py).
+        self.http = StubTreq(self.api(advertise_ip).resource())
+
+    def api(self, advertise_ip: str | None, port: int = CDN_PORT) -> SupernodeApi:
+        """The API over ``self.tasks``.
+
+        The fake peers advertise 192.0.2.x, all through StubTreq's one client
+        address: trusted, like a NAT'd network, and with no registration rate
+        limit (one fake client registers hundreds at once).  Both checks have
+        their own tests, tests/adversarial/test_peer_auth.py.
+        """
         everyone = PeerNetworks(trusted=(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")))
-        # No registration rate limit either (one fake client registers hundreds at once).
-        self.http = StubTreq(SupernodeApi(self.tasks, CDN_PORT, advertise_ip, networks=everyone,
-                                          registration_rate=0).resource())
+        return SupernodeApi(self.tasks, port, advertise_ip, networks=everyone, registration_rate=0)
 
     def pump(self) -> None:
         for _ in range(4):

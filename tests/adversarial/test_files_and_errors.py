@@ -37,7 +37,6 @@ from dfly.peer.localapi import LocalApi
 from dfly.peer.uploader import UploadStore
 from dfly.source import SourceClient
 from dfly.supernode import tap
-from dfly.supernode.api import SupernodeApi
 from dfly.supernode.cdn import CdnCache
 from dfly.supernode.tasks import TaskManager
 from tests.test_integration import IntegrationTestCase
@@ -260,6 +259,9 @@ class _BuggyTasks(TaskManager):
     def pull(self, task_id: str, cid: str, cdn_ip: str, cdn_port: int, wait: float | None = None) -> Any:
         raise RuntimeError(f"{SECRET} in {self.cache.repo}")
 
+    def authorize(self, task_id: str, cid: str, secret: bytes | None) -> None:
+        pass  # any caller: the bug under the pull is what is tested
+
 
 class _VanishingCache(CdnCache):
     """The data file is removed (by hand, by a cleanup script) while its fetch writes it."""
@@ -282,7 +284,7 @@ class _SupernodeWithBrokenParts(SupernodeApiTestCase):
         source = SourceClient(http=self.origin_http, clock=self.clock)
         self.tasks = self.tasks_class(self.cache, source, self.clock, poll_timeout=POLL_TIMEOUT)
         self.addCleanup(self.tasks.stop)
-        self.http = StubTreq(SupernodeApi(self.tasks, 8001, advertise_ip).resource())
+        self.http = StubTreq(self.api(advertise_ip, 8001).resource())
 
     def assertNoLeak(self, body: bytes) -> None:
         for leak in (SECRET.encode(), self.home.encode(), b"Traceback"):
