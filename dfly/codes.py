@@ -24,6 +24,8 @@ SOURCE_REFUSED = 613  # dfly: the supernode's source policy refuses the URL (SSR
 # The header that carries a peer's secret (from its registration's answer) on
 # every pull, report and service-down about its cid.
 PEER_SECRET_HEADER = "X-Dfly-Peer-Secret"
+#: The header that carries a task's key on every piece request (CDN port, uploaders).
+TASK_KEY_HEADER = "X-Dfly-Task-Key"
 PEER_UNAUTHORIZED = 614  # dfly: a pull, report or down without its cid's peer secret
 
 # Piece results a peer reports.

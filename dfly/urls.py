@@ -48,6 +48,12 @@ def redact_userinfo(text: str) -> str:
     return _ANY_USERINFO.sub(r"\g<scheme>***@", text)
 
 
+def access_log_uri(uri: str) -> str:
+    """A request target for an access log: no query (signed URLs, tokens, keys live there), no userinfo."""
+    path, mark, _ = uri.partition("?")
+    return redact_userinfo(path) + ("?..." if mark else "")
+
+
 def split_userinfo(url: str) -> tuple[str, dict[str, str]]:
     """``url`` without its userinfo, and the ``Authorization: Basic`` header that carries it.
 

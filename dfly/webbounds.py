@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 
 from dfly import codes
+from dfly.urls import access_log_uri
 
 #: The default limit; `dfly.jsonapi.read_json` checks the same one.
 MAX_BODY = 64 * 1024
@@ -129,6 +130,21 @@ class _Channel(http.HTTPChannel):
         return self._host
 
 
+class _WithoutQuery:
+    """A request as the access log sees it: its target without the query (`access_log_uri`)."""
+
+    def __init__(self, request: Any) -> None:
+        self._request = request
+        self.uri = access_log_uri(request.uri.decode("latin-1")).encode("latin-1")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+def _log_line(timestamp: str, request: Any) -> str:
+    return http.combinedLogFormatter(timestamp, _WithoutQuery(request))
+
+
 class BoundedSite(server.Site):
     """A `server.Site` whose requests' bodies may not pass ``max_body`` bytes (see the module docstring)."""
 
@@ -137,6 +153,7 @@ class BoundedSite(server.Site):
 
     def __init__(self, resource: Any, max_body: int = MAX_BODY, access_log: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("parsePOSTFormSubmission", False)
+        kwargs.setdefault("logFormatter", _log_line)  # queries stay out of access logs
         super().__init__(resource, **kwargs)
         self.max_body = max_body
         self.access_log = access_log

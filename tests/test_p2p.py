@@ -703,7 +703,7 @@ class _NextSupernode(resource.Resource):
         return {"pieceNum": n, "range": f"{start}-{end}", "pieceSize": self.piece_size,
                 "pieceDigest": hashlib.sha256(self.body[start : end + 1]).hexdigest(),
                 "cid": f"{CDN}127.0.0.1~{'cd' * 32}", "peerIp": "127.0.0.1", "peerPort": self.cdn_port,
-                "path": f"/download/cdc/{'cd' * 32}?k=key"}
+                "path": f"/download/cdc/{'cd' * 32}"}
 
     def render_POST(self, request: IRequest) -> bytes:
         return self._answer(request, 200, {"taskId": "cd" * 32, "fileLength": len(self.body),

@@ -600,15 +600,14 @@ class PullTests(SupernodeApiTestCase):
         piece = self.pull(self.tid).data[0]
         self.assertEqual(
             (piece["cid"].startswith("cdnnode:"), piece["peerIp"], piece["peerPort"], piece["path"]),
-            (True, CDN_IP, CDN_PORT, f"/download/{self.tid[:3]}/{self.tid}?k={self.tasks.key_for(self.tid)}"),
+            (True, CDN_IP, CDN_PORT, f"/download/{self.tid[:3]}/{self.tid}"),  # the key travels as a header
         )
 
     def test_pulled_piece_is_served_by_the_cdn_with_its_digest(self) -> None:
         """The CDN resource serves the pulled path and range, and its bytes match the pieceDigest."""
         piece = self.pull(self.tid).data[1]
-        path, _, query = piece["path"].partition("?")
-        request = DummyRequest(path.encode().lstrip(b"/").split(b"/"))
-        request.args = {b"k": [query.removeprefix("k=").encode()]}
+        request = DummyRequest(piece["path"].encode().lstrip(b"/").split(b"/"))
+        request.requestHeaders.setRawHeaders(codes.TASK_KEY_HEADER, [self.tasks.key_for(self.tid)])
         request.requestHeaders.setRawHeaders(b"range", [f"bytes={piece['range']}".encode()])
         child = getChildForRequest(CdnFiles(self.cache, keys=self.tasks.key_for), request)
         self.assertIs(child.render(request), NOT_DONE_YET)
@@ -617,13 +616,15 @@ class PullTests(SupernodeApiTestCase):
     def test_cdn_serves_nothing_without_the_tasks_key(self) -> None:
         """Knowing (or computing) a task id is not enough: without its key, or with another, the CDN says 404."""
         piece = self.pull(self.tid).data[0]
-        path = piece["path"].partition("?")[0]
-        for args in ({}, {b"k": [b"0" * 32]}):
-            request = DummyRequest(path.encode().lstrip(b"/").split(b"/"))
-            request.args = args
+        key = self.tasks.key_for(self.tid)
+        for headers in ({}, {codes.TASK_KEY_HEADER: ["0" * 32]}, {codes.TASK_KEY_HEADER: ["\u00e9"]}):
+            request = DummyRequest(piece["path"].encode().lstrip(b"/").split(b"/"))
+            for name, values in headers.items():
+                request.requestHeaders.setRawHeaders(name, values)
+            request.args = {b"k": [key.encode()]}  # the old query form unlocks nothing: keys stay out of URLs
             child = getChildForRequest(CdnFiles(self.cache, keys=self.tasks.key_for), request)
             child.render(request)
-            self.assertEqual(request.responseCode, 404, args)
+            self.assertEqual(request.responseCode, 404, headers)
 
     def test_pull_without_advertise_ip_names_the_address_it_was_reached_on(self) -> None:
         """Without --advertise-ip, peerIp is the host address of the API request."""
@@ -680,9 +681,9 @@ class PullTests(SupernodeApiTestCase):
         self.report(self.tid, first[0]["range"])
         got = {p["pieceNum"]: (p["cid"], p["peerIp"], p["peerPort"], p["path"]) for p in self.successResultOf(d).data}
         self.assertEqual(got, {
-            0: ("peer-1", "192.0.2.1", 15001, f"/peer/file/{self.tid}?k={self.tasks.key_for(self.tid)}"),
+            0: ("peer-1", "192.0.2.1", 15001, f"/peer/file/{self.tid}"),
             4: (f"cdnnode:{CDN_IP}~{self.tid}", CDN_IP, CDN_PORT,
-                f"/download/{self.tid[:3]}/{self.tid}?k={self.tasks.key_for(self.tid)}"),
+                f"/download/{self.tid[:3]}/{self.tid}"),
         })
 
     def test_empty_file_pull_is_600_at_once(self) -> None:
@@ -721,7 +722,7 @@ class PeerSourceTests(SupernodeApiTestCase):
             "cid": "peer-1",
             "peerIp": "192.0.2.1",
             "peerPort": 15001,
-            "path": f"/peer/file/{self.tid}?k={self.tasks.key_for(self.tid)}",
+            "path": f"/peer/file/{self.tid}",
         }]))
 
     def test_peer_that_serves_nothing_is_not_a_source(self) -> None:

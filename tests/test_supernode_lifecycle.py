@@ -21,6 +21,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.web.client import HTTPConnectionPool
 
+from dfly import codes
 from dfly.supernode.cdn import CdnCache, CdnFiles
 from dfly.config import SupernodeFileConfig
 from dfly.supernode.diskgc import DiskQuota
@@ -673,7 +674,7 @@ class MissingCacheFileTests(LifecycleTestCase):
     def cdn_get(self) -> int:
         """GET the task's file on the CDN resource, wired as tap.py wires it; the status."""
         request = DummyRequest([b"download", self.tid[:3].encode(), self.tid.encode()])
-        request.args = {b"k": [self.key.encode()]}
+        request.requestHeaders.setRawHeaders(codes.TASK_KEY_HEADER, [self.key])
         cdn = CdnFiles(self.cache, keys=self.tasks.key_for, on_missing=self.tasks.cache_file_missing)
         getChildForRequest(cdn, request).render(request)
         return request.responseCode

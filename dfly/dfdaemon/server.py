@@ -51,7 +51,7 @@ from dfly.dfdaemon.ca import CertificateAuthority
 from dfly.dfdaemon.forward import fail, forward
 from dfly.dfdaemon.tunnel import open_tunnel, parse_connect_target, take_over
 from dfly.peer.engine import PeerEngine
-from dfly.urls import redact_userinfo, split_userinfo
+from dfly.urls import access_log_uri, redact_userinfo, split_userinfo
 
 log = Logger(namespace="dfly.dfdaemon")
 
@@ -244,7 +244,7 @@ class DfdaemonSite(server.Site):
 
     def log(self, request: IRequest) -> None:
         log.info('{method} {uri} {code} {length}', method=request.method.decode("latin-1"),
-                 uri=redact_userinfo(request.uri.decode("latin-1")), code=request.code, length=request.sentLength)
+                 uri=access_log_uri(request.uri.decode("latin-1")), code=request.code, length=request.sentLength)
 
 
 class InterceptedSite(DfdaemonSite):

@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 
 import dfly
 from dfly import codes
-from dfly.codes import PEER_SECRET_HEADER
+from dfly.codes import PEER_SECRET_HEADER, TASK_KEY_HEADER
 from dfly.config import Home, NodeTimeouts, format_node
 from dfly.httpclient import BodyTooLarge, read_limited
 from dfly.jsonapi import parse_json
@@ -115,6 +115,7 @@ class _Task:
     cid: str
     piece_size: int
     secret: str = ""  # the registration's peer secret: every call about this cid carries it
+    key: str = ""  # the task's key: every piece request carries it (a header, never the URL)
 
 
 class _PieceFailed(Exception):
@@ -754,7 +755,7 @@ class PeerEngine:
         # A held pull is woken when an event elsewhere gives us work; our own
         # reports get our next pieces in their answers (``next=1``).
         params = {"taskId": task_id, "srcCid": cid, "wait": f"{self.poll_timeout:g}"}
-        ctx = run.task = _Task(node, task_id, cid, piece_size, secret)
+        ctx = run.task = _Task(node, task_id, cid, piece_size, secret, str(reg.get("key") or ""))
         run.lost = None  # whatever lost the last node is not this one's
         while True:
             self._raise_if_ended(run)
@@ -890,7 +891,7 @@ class PeerEngine:
             if expected is None:
                 raise _PieceFailed("invalid", f"supernode {format_node(ctx.node)} gave piece {num} the range "
                                               f"{byte_range!r}, which is not its place in the file: refused")
-            length, digest = await self._fetch_piece(run, piece, expected)
+            length, digest = await self._fetch_piece(run, piece, expected, ctx.key)
         except (CancelledError, ConnectingCancelledError):
             raise CancelledError() from None
         except Exception as e:
@@ -992,7 +993,8 @@ class PeerEngine:
         if run.pull is not None:
             run.pull.cancel()
 
-    async def _fetch_piece(self, run: _Run, piece: dict[str, Any], expected: tuple[int, int]) -> tuple[int, str]:
+    async def _fetch_piece(self, run: _Run, piece: dict[str, Any], expected: tuple[int, int],
+                           key: str) -> tuple[int, str]:
         """Fetch one piece into its place; its length and sha256 once they matched the supernode's."""
         try:
             host, port, path = str(piece["peerIp"]), int(piece["peerPort"]), str(piece["path"])
@@ -1001,9 +1003,11 @@ class PeerEngine:
             raise _PieceFailed("invalid", f"malformed piece task {piece!r}: {e}") from None
         start, end = expected
         length = end - start + 1
-        target = hyperlink.URL.from_text(path)  # a path, with the task's key as its query
-        url = hyperlink.URL(scheme="http", host=host, port=port, path=target.path, query=target.query)
+        target = hyperlink.URL.from_text(path)
+        url = hyperlink.URL(scheme="http", host=host, port=port, path=target.path)
         headers = Headers({"Range": [f"bytes={start}-{end}"]})
+        if key:
+            headers.setRawHeaders(TASK_KEY_HEADER, [key])  # out of URLs, so out of every access log
         try:
             response = await self.http.get(url.to_text(), headers=headers, unbuffered=True,
                                            timeout=self.timeouts.api, reactor=self.reactor)

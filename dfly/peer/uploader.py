@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from dfly.codes import TASK_KEY_HEADER
 from dfly.pieces import is_task_id
 from dfly.ratelimit import TokenBucket, send_range
 
@@ -56,7 +57,7 @@ class HeldFile:
     cid: str = ""
     secret: str = ""  # the registration's peer secret, which the heartbeat and service-down carry
     heartbeat: float = 0.0  # when the supernode last heard that this finished peer still serves
-    # The task's key from the supernode: requests must carry it (``?k=``), so
+    # The task's key from the supernode: requests must carry it (header X-Dfly-Task-Key), so
     # knowing a task id reads nothing.  None: served without one.
     key: str | None = None
 
@@ -124,7 +125,7 @@ class UploadStore:
 
     def serve(self, request: IRequest, task_id: str) -> Deferred[bytes] | bytes:
         try:
-            held, start, end = self.find(task_id, request.getHeader(b"range"), (request.args.get(b"k") or [None])[0])
+            held, start, end = self.find(task_id, request.getHeader(b"range"), request.getHeader(TASK_KEY_HEADER.encode()))
         except UploadError as e:
             request.setResponseCode(e.status)
             request.setHeader(b"content-type", b"text/plain")

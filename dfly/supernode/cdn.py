@@ -23,6 +23,7 @@ from twisted.web import resource
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
+from dfly.codes import TASK_KEY_HEADER
 from dfly.pieces import is_task_id, piece_count, piece_digest
 from dfly.private import make_private_dirs, open_private, private_dir
 from dfly.ratelimit import TokenBucket, send_range
@@ -277,8 +278,8 @@ class CdnFiles(resource.Resource):
             return resource.NoResource()
         if self._keys is not None:
             expected = self._keys(task_id)
-            given = (request.args.get(b"k") or [b""])[0].decode("latin-1")
-            if expected is None or not hmac.compare_digest(given, expected):
+            given = request.getHeader(TASK_KEY_HEADER.encode()) or b""
+            if expected is None or not hmac.compare_digest(given, expected.encode()):
                 return resource.NoResource("no such task")  # the same answer as a missing task
         path = self._cache.data_path(task_id)
         if not os.path.isfile(path):

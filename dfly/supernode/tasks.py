@@ -683,11 +683,11 @@ class TaskManager:
         }
         if source == CDN:
             info.update(cid=f"{CDN}{cdn_ip}~{task.task_id}", peerIp=cdn_ip, peerPort=cdn_port,
-                        path=f"{self.cache.url_path(task.task_id)}?k={task.key}")
+                        path=self.cache.url_path(task.task_id))
         else:
             holder = task.peers[source]
             info.update(cid=source, peerIp=holder.ip, peerPort=holder.port,
-                        path=f"{peer_path(task.task_id)}?k={task.key}")
+                        path=peer_path(task.task_id))
         return info
 
     def piece_result(

@@ -215,7 +215,7 @@ def pieces_by_length(dfdaemon_log: str) -> dict[int, tuple[str, list[str]]]:
 
 def uploaded_bytes(dfdaemon_log: str, task_id: str) -> int:
     """What this dfdaemon's uploader sent other peers of ``task_id`` (its access-log lines)."""
-    pattern = re.compile(r'"GET /peer/file/%s\?k=[0-9a-f]+ HTTP/1\.1" 20[06] (\d+)' % re.escape(task_id))
+    pattern = re.compile(r'"GET /peer/file/%s HTTP/1\.1" 20[06] (\d+)' % re.escape(task_id))
     return sum(int(n) for n in pattern.findall(dfdaemon_log))
 
 
