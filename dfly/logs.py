@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from typing import Callable
 
@@ -24,6 +25,7 @@ from twisted.logger import (
 )
 
 from dfly.private import make_private_dirs, open_private
+from dfly.urls import redact_userinfo
 
 #: The namespace of per-download events that go to ``dfclient.log``.
 CLIENT_NAMESPACE = "dfly.client"
@@ -34,14 +36,42 @@ def make_sign(pid: int, seconds: float) -> str:
     return f"{pid}-{seconds:.3f}"
 
 
+#: Query parameters of signed URLs and tokens (S3, GCS, Azure SAS, CloudFront, OAuth).
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential"
+    r"|sig|signature|token|access_token|policy|key-pair-id|password|secret)=)[^&\s\"'<>]+")
+#: Headers that carry credentials, as "Name: value" (a --header, a logged request).
+_SECRET_HEADER = re.compile(
+    r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie|x-api-key|private-token|x-auth-token"
+    r"|x-dfly-peer-secret|x-dfly-task-key)(\s*:\s*)[^,\"'\]\n]+")
+#: The same secrets as JSON fields (a logged supernode answer holds the task key and the peer secret).
+_SECRET_FIELD = re.compile(r'(?i)("(?:key|peersecret|token|password|secret|authorization)"\s*:\s*)"[^"]*"')
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}")
+
+
+def redact(message: str) -> str:
+    """``message`` with credentials, signatures, task keys and peer secrets shown as ``***``.
+
+    Applied to every line dfly writes (supernode.log, dfclient.log,
+    dfserver.log, dfdaemon.log), so no call site can forget it; URLs'
+    ``user:password@`` go too.
+    """
+    message = redact_userinfo(message)
+    message = _SECRET_QUERY.sub(r"\1***", message)
+    message = _SECRET_HEADER.sub(r"\1\2***", message)
+    message = _SECRET_FIELD.sub(r'\1"***"', message)
+    return _BEARER.sub(r"\1 ***", message)
+
+
 def format_line(event: LogEvent, default_sign: str | None) -> str | None:
-    """One log line (with any traceback after it), or None for an empty event."""
+    """One log line (with any traceback after it), redacted (`redact`), or None for an empty event."""
     message = formatEvent(event)
     failure = event.get("log_failure")
     if failure is not None:
         message = f"{message}\n{failure.getTraceback()}".rstrip("\n")
     if not message:
         return None
+    message = redact(message)
     level = getattr(event.get("log_level"), "name", "info")
     return plain_line(event.get("log_time") or time.time(), level, event.get("sign") or default_sign, message)
 
