@@ -170,6 +170,15 @@ class DfgetUserinfoTests(SynchronousTestCase):
         self.assertNotIn(PASSWORD, json.dumps(shown))
         self.assertEqual(shown[:3], ["dfget", "-u", "http://***@h/f"])
 
+    def test_dfget_log_line_of_the_command_hides_every_header_value(self) -> None:
+        """A header of any name keeps only its name in the ``get cmd params`` line (issue 11 item 5)."""
+        argv = ["dfget", "-u", "http://h/f", "--header", f"X-My-Secret: {PASSWORD}", f"--header=Private: {PASSWORD}",
+                "--header", PASSWORD, "-o", "out"]
+        shown = cli.loggable_argv(argv)
+        self.assertNotIn(PASSWORD, json.dumps(shown))
+        self.assertEqual(shown, ["dfget", "-u", "http://h/f", "--header", "X-My-Secret: ***", "--header=Private: ***",
+                                 "--header", "***", "-o", "out"])
+
 
 class SupernodeUserinfoTests(SupernodeApiTestCase):
     """POST /peer/registry with credentials in the URL: a 400 with a reason, never a 500."""

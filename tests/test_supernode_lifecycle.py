@@ -210,6 +210,24 @@ class TaskExpiryTests(LifecycleTestCase):
         self.register_ok(self.url, cid="peer-2")
         self.assertEqual(self.download(self.tid, "peer-2"), self.digests(payload(TWO)))
 
+    def test_task_back_from_its_cache_has_a_new_key(self) -> None:
+        """A reloaded task gets a fresh key (issue 11 item 5): a key handed out before it left memory reads nothing."""
+        old_key = self.tasks.key_for(self.tid)
+        self.clock.advance(40.1)
+        self.tasks.sweep()
+        self.register_ok(self.url, cid="peer-2")
+        new_key = self.tasks.key_for(self.tid)
+        self.assertEqual((new_key is not None, new_key != old_key), (True, True))
+        self.assertEqual((self.cdn_status(self.tid, old_key), self.cdn_status(self.tid, new_key)), (404, 206))
+
+    def cdn_status(self, tid: str, key: str | None) -> int:
+        """The CDN port's status for the first piece of ``tid`` asked with ``key``."""
+        request = DummyRequest([b"download", tid[:3].encode(), tid.encode()])
+        request.requestHeaders.setRawHeaders(codes.TASK_KEY_HEADER, [key or ""])
+        request.requestHeaders.setRawHeaders(b"range", [b"bytes=0-99"])
+        getChildForRequest(CdnFiles(self.cache, keys=self.tasks.key_for), request).render(request)
+        return request.responseCode or 200
+
 
 # --- silent peers --------------------------------------------------------------------------
 
@@ -414,6 +432,11 @@ class VersionTests(LifecycleTestCase):
         status, headers = self.origin.last(b"/five")
         self.assertEqual((self.origin.count(b"/five"), headers.getRawHeaders(b"if-none-match"), status),
                          (2, [b'"v1"'], 200))
+
+    def test_new_version_has_its_own_key(self) -> None:
+        """The new version's key differs from the old one's: each key reads one version's bytes only."""
+        old_key, new_key = self.tasks.key_for(self.old), self.tasks.key_for(self.new)
+        self.assertEqual((old_key is not None, new_key is not None, old_key != new_key), (True, True, True))
 
     def test_new_version_pieces_carry_the_new_digests(self) -> None:
         """Pulling the new task yields the digests of the new bytes."""

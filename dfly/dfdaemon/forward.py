@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TCPTimedOutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -88,7 +90,7 @@ async def forward(request: IRequest, url: str, agent: IAgent, clock: IReactorTim
         return
     except Exception as e:
         log.warn("{method} {url} failed: {error}", method=request.method.decode(), url=url, error=e)
-        fail(request, 502, f"dfdaemon: cannot reach {url}: {e}")
+        fail(request, 502, f"dfdaemon: cannot reach {url}: {upstream_failure(e)}")
         return
     request.setResponseCode(response.code, response.phrase)
     request.responseHeaders = end_to_end(response.headers)
@@ -104,6 +106,33 @@ async def forward(request: IRequest, url: str, agent: IAgent, clock: IReactorTim
     response.deliverBody(relay)
     gone.addErrback(lambda _: relay.stop())
     await relay.done
+
+
+def upstream_failure(e: BaseException) -> str:
+    """What went wrong with an upstream request, in words fit for a client.
+
+    Exception texts name Twisted's internals (``ResponseNeverReceived([<Failure
+    ...>])``, OpenSSL's error stack); the client gets the kind of failure, the
+    log (above) the details.
+    """
+    reasons = [f.value for f in e.reasons] if isinstance(e, ResponseFailed) else [e]
+    for reason in reasons:
+        if isinstance(reason, SSL.Error):
+            # OpenSSL's (library, function, reason) triples: the reason says
+            # which ("certificate verify failed"), the rest is its internals.
+            said = [str(t[-1]) for t in (reason.args[0] if reason.args else ()) if isinstance(t, tuple) and t]
+            return f"the TLS handshake failed: {', '.join(said) or 'no reason given'}"
+        if isinstance(reason, DNSLookupError):
+            return "its host name does not resolve"
+        if isinstance(reason, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(reason, (TCPTimedOutError, TimeoutError)):
+            return "the connection timed out"
+        if isinstance(reason, ConnectError):
+            return "the connection failed"
+    if isinstance(e, ResponseFailed):
+        return "the connection closed before a whole answer"
+    return "the request failed (see dfdaemon.log)"
 
 
 def fail(request: IRequest, status: int, message: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:

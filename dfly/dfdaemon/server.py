@@ -207,7 +207,7 @@ class DfdaemonRequest(server.Request):
         log.failure("dfdaemon: {method} {uri} failed", failure, method=self.method,
                     uri=redact_userinfo(self.uri.decode("latin-1")))
         if not self.finished and self.channel is not None:
-            fail(self, 500, f"dfdaemon: internal error: {failure.getErrorMessage()}")
+            fail(self, 500, "dfdaemon: internal error (see dfdaemon.log)")
 
 
 class ProbeGuardChannel(HTTPChannel):

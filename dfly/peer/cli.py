@@ -163,14 +163,27 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
 
 
 def loggable_argv(argv: Sequence[str]) -> list[str]:
-    """The command line for dfclient.log: URL credentials and Authorization values hidden."""
+    """The command line for dfclient.log: URL credentials and every ``--header`` value hidden.
+
+    Only the names of ``--header`` lines are shown (``X-Token: ***``):
+    which header carries a secret is the caller's business (a token may be
+    called anything), so no value is kept, not only ``Authorization``'s.
+    """
     shown = []
+    header_next = False
     for arg in argv:
-        name, sep, _ = arg.partition(":")
-        if sep and name.removeprefix("--header=").strip().lower() in ("authorization", "proxy-authorization"):
-            arg = f"{name}: ***"
+        if header_next:
+            arg = _header_name_only(arg)
+        elif arg.startswith("--header="):
+            arg = "--header=" + _header_name_only(arg.removeprefix("--header="))
+        header_next = arg == "--header"
         shown.append(redact_userinfo(arg))
     return shown
+
+
+def _header_name_only(line: str) -> str:
+    name, sep, _ = line.partition(":")
+    return f"{name.strip()}: ***" if sep else "***"
 
 
 def _limit(value: str, flag: str) -> int:
