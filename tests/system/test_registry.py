@@ -267,8 +267,12 @@ class RegistryTestCase(TestCase):
         timer.cancel()
         return code, child.output
 
-    async def start_registry(self, auth: bool = False, tls: tuple[str, str] | None = None) -> Child:
-        """``docker-registry serve`` on 127.0.0.1 (any port: ``self.registry_port``), htpasswd auth or TLS as asked."""
+    async def start_registry(self, auth: bool = False, tls: tuple[str, str] | None = None,
+                             auth_config: dict[str, Any] | None = None) -> Child:
+        """``docker-registry serve`` on 127.0.0.1 (any port: ``self.registry_port``), htpasswd auth or TLS as asked.
+
+        ``auth_config`` is the config's whole ``auth`` section (token auth, say) instead of htpasswd.
+        """
         root = os.path.join(self.work, "registry")
         os.makedirs(root)
         http: dict[str, Any] = {"addr": "127.0.0.1:0", "secret": "not-a-secret-test-only"}
@@ -284,6 +288,8 @@ class RegistryTestCase(TestCase):
             with open(os.path.join(root, "htpasswd"), "w") as f:
                 f.write(await self.htpasswd_line(USER, PASSWORD))
             config["auth"] = {"htpasswd": {"realm": "dfly-test", "path": os.path.join(root, "htpasswd")}}
+        if auth_config is not None:
+            config["auth"] = auth_config
         path = os.path.join(root, "config.yml")
         with open(path, "w") as f:
             json.dump(config, f)  # JSON is YAML
@@ -308,11 +314,11 @@ class RegistryTestCase(TestCase):
         self.assertEqual(code, 0, output)
         return output.strip() + "\n"
 
-    async def push(self, image: str, *args: str) -> None:
-        """Push the OCI layout ``image`` to the registry as ``test/app:1``."""
+    async def push(self, image: str, *args: str, repository: str = "test/app") -> None:
+        """Push the OCI layout ``image`` to the registry as ``<repository>:1``."""
         code, output = await self.run_command("skopeo copy (push)", [
             self.skopeo_bin, "copy", "--dest-tls-verify=false", *args,
-            f"oci:{image}:v1", f"docker://127.0.0.1:{self.registry_port}/test/app:1"], self.env())
+            f"oci:{image}:v1", f"docker://127.0.0.1:{self.registry_port}/{repository}:1"], self.env())
         self.assertEqual(code, 0, output)
 
     async def start_supernode(self, *args: str, name: str = "supernode") -> str:
