@@ -214,10 +214,10 @@ class PrivateRepositoryTests(RegistryTestCase):
         await self.alice_pulls_the_private_layer()
         url = self.blob_url("public/app", self.private)
         code, said, output = await self.dfget("mallory", url, self.private, "attack.blob")
+        self.assert_no_bytes_of(self.private, os.path.join(self.work, "mallory"))  # first: it names a leak
         self.assertEqual(code, 1, said)
         self.assertRegex(said, r"download FAIL\(\d+\) .*404")
         self.assertFalse(os.path.exists(output))
-        self.assert_no_bytes_of(self.private, os.path.join(self.work, "mallory"))
         # The supernode asked the registry with mallory's token; the registry's per-repository check said no.
         self.assertRegex(self.supernode_log(), r"source refused taskID:\S+: source %s answered 404" % re.escape(url))
         self.assertRegex(self.registry.output, r'auth\.user\.name=mallory err\.code="blob unknown" err\.detail="%s"'
@@ -228,6 +228,7 @@ class PrivateRepositoryTests(RegistryTestCase):
         await self.alice_pulls_the_private_layer()
         url = self.blob_url("public/app", self.public)
         code, said, output = await self.dfget("mallory", url, self.private, "attack.blob")
+        self.assert_no_bytes_of(self.private, os.path.join(self.work, "mallory"))  # first: it names a leak
         self.assertEqual(code, 1, said)
         self.assertRegex(said, r"download FAIL\(\d+\) .*expected %s" % digest_of(self.private)[7:])
         # A task of its own for Q's URL (not P's cached task), whose fetch the digest check failed.
@@ -236,7 +237,6 @@ class PrivateRepositoryTests(RegistryTestCase):
         self.assertIn(f"CDN fetch of {url} failed: sha256 of the source is {digest_of(self.public)[7:]}, "
                       f"expected {digest_of(self.private)[7:]}", self.supernode_log())
         self.assertFalse(os.path.exists(output))
-        self.assert_no_bytes_of(self.private, os.path.join(self.work, "mallory"))
 
     async def test_mallory_gets_the_public_layer_with_its_own_digest(self) -> None:
         """Honest use after the attack: public/app/blobs/<Q> with Q's digest gives Q."""
