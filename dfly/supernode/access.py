@@ -8,8 +8,9 @@ unlocking cached bytes within ``access_ttl``.  What is remembered is a
 sha256 of the URL and headers, never the credentials themselves.
 
 A source that answered 404/410 is remembered for ``fail_access_interval``
-so a flood of registrations for a missing file does not become a flood of
-requests to the origin.
+(per URL and headers, like the access decisions: one caller's 404 says
+nothing about another's URL or credentials) so a flood of registrations for
+a missing file does not become a flood of requests to the origin.
 
 Both memories are LRU-bounded in number, so a stream of distinct URLs or
 credentials cannot grow them without limit.
@@ -79,7 +80,7 @@ class ExpiringMemory(Generic[K, V]):
 
 @attrs.define(eq=False)
 class SourceAccess:
-    """Access decisions per (task, caller fingerprint) and the 404 memory."""
+    """Access decisions per (task, caller fingerprint) and the 404 memory per caller fingerprint."""
 
     clock: IReactorTime
     access_ttl: float = 60.0
@@ -99,12 +100,12 @@ class SourceAccess:
     def allow(self, task_id: str, fingerprint: str) -> None:
         self._allowed.put((task_id, fingerprint), True)
 
-    def missing(self, task_id: str) -> str | None:
-        """Why the source of ``task_id`` was missing, if it was within ``fail_access_interval``."""
-        return self._missing.get(task_id)
+    def missing(self, fingerprint: str) -> str | None:
+        """Why the source answered 404/410 to this URL and headers (`access_fingerprint`) within ``fail_access_interval``."""
+        return self._missing.get(fingerprint)
 
-    def remember_missing(self, task_id: str, reason: str) -> None:
-        self._missing.put(task_id, reason)
+    def remember_missing(self, fingerprint: str, reason: str) -> None:
+        self._missing.put(fingerprint, reason)
 
     def expire(self) -> None:
         self._allowed.expire()

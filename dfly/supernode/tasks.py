@@ -226,10 +226,10 @@ class TaskManager:
         raise ApiError(503, codes.SYSTEM_ERROR, f"task {reg.task_id} keeps leaving memory; try again")
 
     async def _join(self, reg: Registration) -> Task:
-        reason = self.access.missing(reg.task_id)
+        fingerprint = access_fingerprint(reg.url, reg.headers)
+        reason = self.access.missing(fingerprint)
         if reason is not None:
             raise ApiError(404, codes.URL_NOT_REACHABLE, reason)
-        fingerprint = access_fingerprint(reg.url, reg.headers)
         checked = False
         while reg.task_id in self._opening:
             # Someone else is opening or revalidating this task: wait for them,
@@ -490,7 +490,7 @@ class TaskManager:
         try:
             return await self.source.open(reg.url, reg.headers, **kwargs)
         except SourceError as e:
-            self._refused(reg.task_id, e)
+            self._refused(reg, e)
 
     async def _check_access(self, task: Task, reg: Registration) -> None:
         """Ask the source whether this caller may read the URL (cached bytes or not)."""
@@ -499,14 +499,19 @@ class TaskManager:
         except SourceError as e:
             # An empty file has no byte 0: its 416 says "readable", nothing else's does.
             if not (e.status == 416 and task.length == 0):
-                self._refused(reg.task_id, e)
+                self._refused(reg, e)
         else:
             abort_body(opened.response)
 
-    def _refused(self, task_id: str, error: SourceError) -> NoReturn:
-        log.warn("source refused taskID:{task_id}: {reason}", task_id=task_id, reason=error.reason)
+    def _refused(self, reg: Registration, error: SourceError) -> NoReturn:
+        log.warn("source refused taskID:{task_id}: {reason}", task_id=reg.task_id, reason=error.reason)
         if error.code == codes.URL_NOT_REACHABLE:
-            self.access.remember_missing(task_id, error.reason)
+            # Remembered for this URL and these headers, not for the task:
+            # a content-addressed task is reached by many URLs (one per
+            # repository holding the blob), and a 404 for one caller's URL
+            # (a repository without the blob, a private file shown as 404 to
+            # strangers) must not send everyone else back to the source.
+            self.access.remember_missing(access_fingerprint(reg.url, reg.headers), error.reason)
             raise ApiError(404, error.code, error.reason)
         if error.code in (codes.NEED_AUTH, codes.SOURCE_REFUSED):
             raise ApiError(403, error.code, error.reason)

@@ -60,3 +60,21 @@ class DigestAliasTests(IntegrationTestCase):
         for url in (f"http://r:5000/v2/x/blobs/sha256:{hexb}", "http://r:5000/file.bin",
                     f"http://r:5000/v2/x/blobs/sha256:{hexa}/extra"):
             self.assertNotIn("#", registration_task_url(url, (), ("sha256", hexa)), url)
+
+    async def test_a_404_for_one_repository_s_url_does_not_shut_others_out_of_the_blob(self) -> None:
+        """A caller's 404 (a repository without the blob) is remembered for its URL, not for the blob's task.
+
+        Before, the probe's 404 for ``other/repo/blobs/<P>`` marked P's
+        content-addressed task missing for ``fail_access_interval``: anyone
+        who knew a digest sent every puller of that layer to the origin.
+        """
+        data = os.urandom(2 * 1024 * 1024 + 5)
+        url, digest = self.blob("library/one", data, private=False)
+        await self.start_supernode()
+        self.assertTrue((await self.download(self.request(url, digest=("sha256", digest)))).success)
+        absent = url.replace("library/one", "library/absent")
+        attack = await self.download(self.request(absent, digest=("sha256", digest), back_source=False))
+        self.assertFalse(attack.success, attack.line())
+        again = await self.download(self.request(url, digest=("sha256", digest), back_source=False))
+        self.assertTrue(again.success, again.line())
+        self.assertEqual(self.origin.full_gets(f"v2/library/one/blobs/sha256:{digest}"), 1)

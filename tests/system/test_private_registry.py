@@ -233,11 +233,6 @@ class PrivateRepositoryTests(RegistryTestCase):
         self.assert_file(output, self.private)
         self.assertRegex(said, r"(?m)^from peers:\d+ from supernode:\d+ from source:0$")
 
-    test_the_refused_probe_does_not_shut_alice_out_of_the_cached_layer.todo = (  # type: ignore[attr-defined]
-        "the probe's 404 is remembered per task (SourceAccess.remember_missing(task_id)): on a content-addressed "
-        "task mallory's refusal makes P 'missing' for every caller for fail_access_interval, and alice goes back "
-        "to the source")
-
     async def test_a_readable_blob_s_url_with_the_private_digest_gets_no_private_bytes(self) -> None:
         """public/app/blobs/<Q> with P's digest, P cached: a plain URL task, Q's bytes fail the check, no byte of P."""
         await self.alice_pulls_the_private_layer()
