@@ -24,9 +24,11 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 
@@ -72,6 +74,11 @@ class NeverReads(StringTransport):
     def abortConnection(self) -> None:
         self.aborted = True
         super().abortConnection()
+
+
+def aborted() -> Failure:
+    """What a connection's loss looks like after abortConnection."""
+    return Failure(ConnectionAborted())
 
 
 def data_file(testcase: SynchronousTestCase, length: int = LENGTH) -> str:
@@ -173,7 +180,7 @@ class _PortTests:
         test.assertEqual(self.active(), 1)
         self.clock.advance(WRITE_IDLE_TIMEOUT)
         test.assertTrue(transport.aborted)
-        channel.connectionLost(ConnectionAborted())
+        channel.connectionLost(aborted())
         test.assertEqual(self.active(), 0)
 
     def test_a_pipelined_range_behind_an_unread_response_is_not_buffered(self) -> None:
@@ -188,7 +195,7 @@ class _PortTests:
         test.assertLess(len(transport.value()), LENGTH // 2)
         self.clock.advance(WRITE_IDLE_TIMEOUT)
         test.assertTrue(transport.aborted)
-        channel.connectionLost(ConnectionAborted())
+        channel.connectionLost(aborted())
         test.assertEqual(self.active(), 0)
 
     def test_the_cap_refuses_one_client_past_it_with_503_json(self) -> None:
@@ -221,16 +228,9 @@ class _PortTests:
         channels = [self.stalled("10.0.0.1", 40000 + n)[0] for n in range(MAX_UPLOADS_PER_CLIENT)]
         self.clock.advance(WRITE_IDLE_TIMEOUT)
         for channel in channels:
-            channel.connectionLost(ConnectionAborted())
+            channel.connectionLost(aborted())
         _, transport = self.ask("10.0.0.1", 50000)
         test.assertEqual(response_of(transport)[0], 206)
-
-
-def ConnectionAborted() -> Any:
-    from twisted.internet.error import ConnectionAborted as Aborted
-    from twisted.python.failure import Failure
-
-    return Failure(Aborted())
 
 
 class UploaderBoundsTests(_PortTests, SynchronousTestCase):
@@ -329,8 +329,8 @@ class TunnelIdleTests(SynchronousTestCase):
 
     def test_a_closed_tunnel_leaves_no_timer(self) -> None:
         """When either end goes, the timer goes too."""
-        self.client.connectionLost(ConnectionAborted())
-        self.server.connectionLost(ConnectionAborted())
+        self.client.connectionLost(aborted())
+        self.server.connectionLost(aborted())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
@@ -363,6 +363,36 @@ class ConfigTests(SynchronousTestCase):
             "tunnelIdleTimeout: 10m\nwriteIdleTimeout: 30s\nmaxUploadsPerClient: 8\n"), True)
         self.assertEqual((config.tunnel_idle_timeout, config.write_idle_timeout, config.max_uploads_per_client),
                          (600.0, 30.0, 8))
+
+    def test_supernode_flags_win_over_the_file(self) -> None:
+        """``twistd supernode --write-idle-timeout 2m --max-uploads-per-client 100``."""
+        from dfly.supernode.tap import Options as SupernodeOptions
+
+        options = SupernodeOptions()
+        options.parseOptions(["--config", self.write("maxUploadsPerClient: 64\n"), "--home", self.mktemp(),
+                              "--write-idle-timeout", "2m", "--max-uploads-per-client", "100"])
+        config = options["config_obj"]
+        self.assertEqual((config.write_idle_timeout, config.max_uploads_per_client), (120.0, 100))
+
+    def test_peer_daemon_flags_win_over_the_file(self) -> None:
+        """``dfget server --writeidletimeout 30s`` over dfget.yml; maxUploadsPerClient from the file."""
+        from dfly.peer.options import Options as DaemonOptions
+
+        options = DaemonOptions()
+        options.parseOptions(["--config", self.write("writeIdleTimeout: 2m\nmaxUploadsPerClient: 8\n"),
+                              "--home", self.mktemp(), "--writeidletimeout", "30s"])
+        config = options["config_obj"]
+        self.assertEqual((config.write_idle_timeout, config.max_uploads_per_client), (30.0, 8))
+
+    def test_a_bad_flag_is_a_usage_error(self) -> None:
+        """``--maxuploadsperclient 0`` is a one-line UsageError."""
+        from twisted.python.usage import UsageError
+
+        from dfly.peer.options import Options as DaemonOptions
+
+        error = self.assertRaises(UsageError, DaemonOptions().parseOptions,
+                                  ["--config", self.write(""), "--maxuploadsperclient", "0"])
+        self.assertIn("--maxuploadsperclient", str(error))
 
     def test_zero_timeout_is_refused(self) -> None:
         """A timeout of 0 would cut every transfer off: a one-line error."""
