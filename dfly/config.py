@@ -26,6 +26,14 @@ DEFAULT_DFGET_CONFIG = "/etc/dragonfly/dfget.yml"
 DEFAULT_SUPERNODE_CONFIG = "/etc/dragonfly/supernode.yml"
 #: Bytes/s one download may take unless told otherwise (the FAQ's 10 MB/s).
 DEFAULT_LOCAL_LIMIT = 10 << 20
+#: Seconds an upload (uploader, CDN port) may go without writing a byte, its
+#: client not reading, before the connection is aborted (``writeIdleTimeout``).
+WRITE_IDLE_TIMEOUT = 60.0
+#: Uploads one client address may hold at once on an uploader or the CDN port
+#: (``maxUploadsPerClient``): twice what a peer's engine opens to one host.
+MAX_UPLOADS_PER_CLIENT = 32
+#: Seconds a blind CONNECT tunnel may carry nothing either way (``tunnelIdleTimeout``).
+TUNNEL_IDLE_TIMEOUT = 300.0
 
 _SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -230,6 +238,10 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+#: For flags: a duration above 0 (a timeout of 0 would cut everything off at once).
+parse_positive_duration = _positive_duration
+
+
 @attrs.frozen
 class NodeTimeouts:
     """How long a peer waits on the network before it moves on.
@@ -274,6 +286,8 @@ class DfgetFileConfig:
     local_limit: int = DEFAULT_LOCAL_LIMIT
     total_limit: int | None = None  # None: not set here (the daemon's own value holds)
     timeouts: NodeTimeouts = NodeTimeouts()
+    write_idle_timeout: float = WRITE_IDLE_TIMEOUT  # of the daemon's uploader
+    max_uploads_per_client: int = MAX_UPLOADS_PER_CLIENT
 
 
 _DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -283,6 +297,8 @@ _DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "localLimit": ("local_limit", parse_size),
     "totalLimit": ("total_limit", parse_size),
     **_TIMEOUT_KEYS,
+    "writeIdleTimeout": ("write_idle_timeout", _positive_duration),
+    "maxUploadsPerClient": ("max_uploads_per_client", lambda v: parse_count(v)),  # parse_count comes below
 }
 
 
@@ -319,6 +335,8 @@ class SupernodeFileConfig:
     peer_networks: tuple[Network, ...] = ()  # advertised peer addresses must be inside; (): any
     trusted_peer_networks: tuple[Network, ...] = ()  # clients here may advertise another address (NAT)
     registration_rate: float = 20.0  # registrations a second per client address (bursts of 10 s); 0: no limit
+    write_idle_timeout: float = WRITE_IDLE_TIMEOUT  # a CDN send whose client reads nothing this long is aborted
+    max_uploads_per_client: int = MAX_UPLOADS_PER_CLIENT  # CDN sends one client address holds at once
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -392,6 +410,8 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "peerNetworks": ("peer_networks", lambda v: parse_networks(v, "peerNetworks")),
     "trustedPeerNetworks": ("trusted_peer_networks", lambda v: parse_networks(v, "trustedPeerNetworks")),
     "registrationRate": ("registration_rate", _rate),
+    "writeIdleTimeout": ("write_idle_timeout", _positive_duration),
+    "maxUploadsPerClient": ("max_uploads_per_client", parse_count),
 }
 
 
@@ -576,6 +596,9 @@ class DfdaemonFileConfig:
     connect_ports: tuple[int, ...] = DEFAULT_CONNECT_PORTS
     # b"user:password" each; kept out of repr so a logged config shows no password.
     proxy_auth: tuple[bytes, ...] = attrs.field(default=(), repr=False)
+    tunnel_idle_timeout: float = TUNNEL_IDLE_TIMEOUT  # a blind CONNECT tunnel silent this long is closed
+    write_idle_timeout: float = WRITE_IDLE_TIMEOUT  # of the embedded uploader
+    max_uploads_per_client: int = MAX_UPLOADS_PER_CLIENT
 
 
 def _regex(value: Any) -> re.Pattern[str]:
@@ -678,6 +701,9 @@ _DFDAEMON_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "connectPorts": ("connect_ports", _connect_ports),
     "proxyAuth": ("proxy_auth", _credentials),
     **_TIMEOUT_KEYS,
+    "tunnelIdleTimeout": ("tunnel_idle_timeout", _positive_duration),
+    "writeIdleTimeout": ("write_idle_timeout", _positive_duration),
+    "maxUploadsPerClient": ("max_uploads_per_client", parse_count),
 }
 
 

@@ -19,6 +19,11 @@ There are two ways to draw, for the two directions data moves:
 
 Neither needs a timer per byte or a polling loop: a paused transfer sets a
 single ``callLater`` for the moment its credit is back.
+
+A client that opens a range and stops reading would hold its transfer (an
+fd, an upload slot, a read-ahead buffer) forever: `FileRangeProducer`
+with ``write_idle`` gives up once its consumer has kept it paused that long,
+and `send_range` then aborts the connection.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
+
+from dfly.refusals import RefusalLog
 
 log = Logger(namespace="dfly.ratelimit")
 
@@ -174,6 +181,10 @@ class FileShrank(Exception):
     """The file ended before the range did: the response must be cut short."""
 
 
+class WriteStalled(Exception):
+    """The consumer kept the producer paused for its whole ``write_idle``: the client reads nothing."""
+
+
 @implementer(IPushProducer)
 class FileRangeProducer:
     """Sends ``length`` bytes of ``fd`` from ``offset``, 64 KiB at a time, paced by ``bucket``.
@@ -190,6 +201,11 @@ class FileRangeProducer:
     the buffer, so the reactor thread never waits for the disk; pause reason
     ``"read"`` holds the producer meanwhile.  A read in flight when the
     transfer ends keeps ``fd`` open until it returns.
+
+    With ``write_idle`` > 0, a pause by the consumer (its send buffer stayed
+    full: the client does not read) that lasts that many seconds ends the
+    transfer with `WriteStalled`.  Only the consumer's pauses count: waiting
+    for credit or for the disk is not the client's doing.
     """
 
     def __init__(
@@ -201,6 +217,7 @@ class FileRangeProducer:
         clock: IReactorTime,
         bucket: TokenBucket | None = None,
         read: Any = None,
+        write_idle: float = 0.0,
     ) -> None:
         self.consumer = consumer
         self.fd = fd
@@ -216,6 +233,8 @@ class FileRangeProducer:
         self._paused: set[str] = set()
         self._timer: IDelayedCall | None = None
         self._pumping = False
+        self.write_idle = write_idle
+        self._stall: IDelayedCall | None = None  # armed while the consumer holds us paused
         self.done: Deferred[None] = Deferred(lambda d: self._end(ConnectionLost("cancelled")))
 
     def start(self) -> Deferred[None]:
@@ -227,15 +246,28 @@ class FileRangeProducer:
 
     def pauseProducing(self) -> None:
         self._paused.add("consumer")
+        if self.write_idle > 0 and self._stall is None and self.fd >= 0:
+            self._stall = self.clock.callLater(self.write_idle, self._stalled)
 
     def resumeProducing(self) -> None:
         self._paused.discard("consumer")
+        self._cancel_stall()
         self._pump()
 
     def stopProducing(self) -> None:
         self._end(ConnectionLost("the consumer stopped the transfer"))
 
     # ---------------------------------------------------------------------------------
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self._end(WriteStalled(f"the client read nothing for {self.write_idle:g}s"))
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
 
     def _credit(self) -> None:
         self._timer = None
@@ -312,6 +344,7 @@ class FileRangeProducer:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._cancel_stall()
         if self.fd >= 0:
             if not self._reading:
                 os.close(self.fd)
@@ -331,19 +364,36 @@ class FileRangeProducer:
 
 
 def send_range(request: IRequest, fd: int, offset: int, length: int, clock: IReactorTime,
-               bucket: TokenBucket | None = None, read: Any = None) -> Deferred[None]:
+               bucket: TokenBucket | None = None, read: Any = None, write_idle: float = 0.0,
+               refusals: RefusalLog | None = None) -> Deferred[None]:
     """Send a file range as the body of ``request`` (headers already set), paced by ``bucket``.
 
     Fires when the last byte is written.  The client going away stops the
     producer; a file that shrank or cannot be read drops the connection,
     because after the first body byte nothing else can tell the client that
-    the body is short.
+    the body is short.  A client that reads nothing for ``write_idle``
+    seconds (0: never given up) has its connection aborted, logged through
+    ``refusals`` (once a minute per client).
     """
-    producer = FileRangeProducer(request, fd, offset, length, clock, bucket, read)
+    producer = FileRangeProducer(request, fd, offset, length, clock, bucket, read, write_idle)
+    if getattr(getattr(request, "channel", None), "_waitingForTransport", False):
+        # A pipelined request behind a response the client has not read: the
+        # transport paused the channel before this producer existed and will
+        # not pause it again (HTTPChannel passes on only the next resume), so
+        # it starts paused, or it would buffer its whole range in memory.
+        producer.pauseProducing()
     request.notifyFinish().addErrback(lambda _: producer.stopProducing())
 
     def failed(failure: Failure) -> Failure:
-        if failure.check(FileShrank, OSError):
+        if failure.check(WriteStalled):
+            client = getattr(request.getClientAddress(), "host", "?")
+            if refusals is not None:
+                refusals.refused(client, "a download it does not read", failure.getErrorMessage())
+            else:
+                log.info("aborted a download to {client}: {why}", client=client, why=failure.getErrorMessage())
+            if request.channel is not None:
+                request.channel.transport.abortConnection()
+        elif failure.check(FileShrank, OSError):
             log.warn("cannot send {path}: {error}", path=request.path, error=failure.getErrorMessage())
             if request.channel is not None:
                 request.channel.transport.abortConnection()

@@ -45,7 +45,7 @@ import dfly
 from dfly.dfdaemon.ca import CertificateAuthority, generate_ca
 from dfly.httpclient import upstream_policy
 from dfly.dfdaemon.cli import main
-from dfly.dfdaemon.tunnel import _TunnelEnd, open_tunnel, parse_connect_target, take_over
+from dfly.dfdaemon.tunnel import open_tunnel, parse_connect_target, take_over, tunnel_pair
 from tests.loopback import ClosingFactory, RawClient
 
 reactor: Any = _reactor  # Twisted's stubs want a ServerFactory where any IProtocolFactory works
@@ -624,8 +624,7 @@ class TunnelTests(ReactorTestCase):
 
     def test_tunnel_ends_pause_each_other(self) -> None:
         """Flow control: each end's transport is the other's streaming producer; a close closes both."""
-        client_end, server_end = _TunnelEnd(), _TunnelEnd()
-        client_end.peer, server_end.peer = server_end, client_end
+        client_end, server_end = tunnel_pair(Clock(), 300.0)
         upstream, downstream = StringTransport(), StringTransport()
         server_end.makeConnection(upstream)
         client_end.makeConnection(downstream)

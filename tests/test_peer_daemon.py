@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
@@ -87,6 +88,9 @@ class PeerRequest:
 
     def getHeader(self, name: bytes) -> bytes | None:
         return self.byte_range if name.lower() == b"range" else None
+
+    def getClientAddress(self) -> IPv4Address:
+        return IPv4Address("TCP", "10.0.0.7", 40000)
 
     def setResponseCode(self, code: int) -> None:
         self.code = code

@@ -146,7 +146,7 @@ class Dfdaemon:
             return
         rule = self._hijack_rule(host, port)
         if rule is None or self.ca is None:
-            open_tunnel(request, self.reactor, host, port)
+            open_tunnel(request, self.reactor, host, port, idle_timeout=self.config.tunnel_idle_timeout)
             return
         try:
             # The CONNECT's host, never a name from SNI or a header: the only host this connection reaches.
@@ -154,7 +154,7 @@ class Dfdaemon:
         except ValueError as e:
             log.warn("not intercepting CONNECT {host}:{port}, a blind tunnel instead: {why}", host=host, port=port,
                      why=e)
-            open_tunnel(request, self.reactor, host, port)
+            open_tunnel(request, self.reactor, host, port, idle_timeout=self.config.tunnel_idle_timeout)
             return
         upstream = hyperlink.URL(scheme="https", host=host, port=port).to_text()  # brackets, default port left out
         site = InterceptedSite(self, upstream, self.insecure_agent if rule.insecure else self.agent)

@@ -212,7 +212,8 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     policy = upstream_policy(config.ca_bundle, config.insecure)
     http, pool = make_http_client(reactor, policy, connect_timeout=config.timeouts.connect)
     limit = HostLimit(config.ratelimit, reactor)
-    uploads = UploadStore(reactor, limit.tx)
+    uploads = UploadStore(reactor, limit.tx, write_idle=config.write_idle_timeout,
+                          per_client=config.max_uploads_per_client)
     engine = PeerEngine(reactor, http, home, uploads=uploads, limit=limit, timeouts=config.timeouts)
     token = secrets.token_hex(16)
     # The embedded local API parses JSON: bounded bodies.  The proxy port

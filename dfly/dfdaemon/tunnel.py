@@ -44,13 +44,16 @@ from typing import Any
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocol, IPushProducer
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.iweb import IRequest
+
+from dfly.config import TUNNEL_IDLE_TIMEOUT
 
 log = Logger(namespace="dfly.dfdaemon")
 
@@ -130,8 +133,9 @@ def take_over(request: IRequest, protocol: IProtocol, tls: IOpenSSLServerConnect
         receiver.dataReceived(buffered)
 
 
-def open_tunnel(request: IRequest, reactor: Any, host: str, port: int, timeout: float = 10.0) -> Deferred[None]:
-    """Serve a CONNECT as a blind tunnel to *host*:*port*.
+def open_tunnel(request: IRequest, reactor: Any, host: str, port: int, timeout: float = 10.0,
+                idle_timeout: float = TUNNEL_IDLE_TIMEOUT) -> Deferred[None]:
+    """Serve a CONNECT as a blind tunnel to *host*:*port*, closed after *idle_timeout* seconds of silence.
 
     Connects first and answers 200 only once the target accepted, so a
     client never sees a tunnel that leads nowhere: when the connection fails
@@ -142,8 +146,7 @@ def open_tunnel(request: IRequest, reactor: Any, host: str, port: int, timeout: 
     it cancels the connection attempt (the client then gets the 502).
     """
     target = _authority(host, port)
-    client_end, server_end = _TunnelEnd(), _TunnelEnd()
-    client_end.peer, server_end.peer = server_end, client_end
+    client_end, server_end = tunnel_pair(reactor, idle_timeout, target)
     connecting = connectProtocol(HostnameEndpoint(reactor, host, port), server_end)
     connecting.addTimeout(timeout, reactor)  # bounds name resolution and every connection attempt
     client_left = False
@@ -183,6 +186,44 @@ def open_tunnel(request: IRequest, reactor: Any, host: str, port: int, timeout: 
     return connecting
 
 
+def tunnel_pair(clock: IReactorTime, idle_timeout: float, target: str = "?") -> tuple[_TunnelEnd, _TunnelEnd]:
+    """The client end and the target end of one blind tunnel, sharing one idle timer."""
+    idle = _TunnelIdle(clock, idle_timeout, target)
+    client_end, server_end = _TunnelEnd(idle), _TunnelEnd(idle)
+    client_end.peer, server_end.peer = server_end, client_end
+    idle.ends = (client_end, server_end)
+    return client_end, server_end
+
+
+class _TunnelIdle(TimeoutMixin):
+    """The idle timer of one tunnel: started when both ends are up, reset by a byte either way.
+
+    A tunnel silent for its whole timeout is aborted at both ends (not
+    closed gracefully: an end whose peer stopped reading would wait
+    forever for its buffer to drain).
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float, target: str) -> None:
+        self.callLater = clock.callLater  # type: ignore[method-assign]
+        self.seconds = seconds
+        self.target = target
+        self.ends: tuple[_TunnelEnd, ...] = ()
+
+    def start(self) -> None:
+        if self.seconds > 0:
+            self.setTimeout(self.seconds)
+
+    def stop(self) -> None:
+        self.setTimeout(None)
+
+    def timeoutConnection(self) -> None:
+        log.info("tunnel to {target} closed: nothing either way for {seconds:g}s", target=self.target,
+                 seconds=self.seconds)
+        for end in self.ends:
+            if end.transport is not None:
+                end.transport.abortConnection()
+
+
 class _TunnelEnd(Protocol):
     """One end of a blind tunnel: what arrives here is written to the other end.
 
@@ -190,22 +231,29 @@ class _TunnelEnd(Protocol):
     streaming producer of the other, so when one side's send buffer fills,
     Twisted stops reading from the other side until it drains.  When either
     connection is lost, the other is closed after its pending bytes are
-    written (a half-close closes the whole tunnel).
+    written (a half-close closes the whole tunnel).  Both ends share one
+    `_TunnelIdle`.
     """
 
     transport: Any
     peer: _TunnelEnd
+
+    def __init__(self, idle: _TunnelIdle) -> None:
+        self.idle = idle
 
     def connectionMade(self) -> None:
         # The target side connects first; wiring happens when the client side joins.
         if self.peer.transport is not None:
             self.transport.registerProducer(self.peer.transport, True)
             self.peer.transport.registerProducer(self.transport, True)
+            self.idle.start()
 
     def dataReceived(self, data: bytes) -> None:
+        self.idle.resetTimeout()
         self.peer.transport.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.idle.stop()
         other = self.peer.transport
         if other is not None:
             # A paused producer that is gone would keep the other side from closing.

@@ -41,6 +41,7 @@ from dfly.ratelimit import HostLimit, TokenBucket, describe_limit
 from dfly.source import SourceClient, SourceError, SourceResponse, abort_body
 from dfly.stream import BodyWriter, RunBlocking, StreamError, WriteError, thread_runner
 from dfly.peer import resume, storage
+from dfly.peer.fetchslots import HostFetchSlots
 from dfly.peer.flow import DownloadFlow, Input, State
 from dfly.peer.nodehealth import NodeHealth
 from dfly.peer.nodenames import NodeNames
@@ -219,6 +220,7 @@ class PeerEngine:
     run_blocking: RunBlocking = attrs.field(default=None)  # where hashing and disk writes run
     uploads: UploadStore | None = None  # None: this engine serves no pieces (no uploader)
     limit: HostLimit = attrs.field(default=None)  # --totallimit, shared with the uploader
+    fetch_slots: HostFetchSlots = attrs.Factory(HostFetchSlots)  # PER_HOST_FETCHES piece fetches per host
     active: int = 0
     last_active: float = 0.0  # when the last download ended (for the daemon's idle exit)
     _resumable: set[str] = attrs.Factory(set)  # working files of running resumable downloads
@@ -1001,6 +1003,14 @@ class PeerEngine:
             digest = str(piece["pieceDigest"])
         except (KeyError, ValueError, TypeError) as e:
             raise _PieceFailed("invalid", f"malformed piece task {piece!r}: {e}") from None
+        slot = await self.fetch_slots.acquire((host, port))
+        try:
+            return await self._fetch_range(run, host, port, path, digest, expected, key)
+        finally:
+            slot.release()
+
+    async def _fetch_range(self, run: _Run, host: str, port: int, path: str, digest: str,
+                           expected: tuple[int, int], key: str) -> tuple[int, str]:
         start, end = expected
         length = end - start + 1
         target = hyperlink.URL.from_text(path)

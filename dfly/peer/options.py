@@ -14,12 +14,16 @@ from twisted.python import usage
 import dfly
 from dfly.config import (
     DEFAULT_DFGET_CONFIG,
+    MAX_UPLOADS_PER_CLIENT,
+    WRITE_IDLE_TIMEOUT,
     NodeTimeouts,
     check_ip,
     default_home,
     load_dfget_config,
+    parse_count,
     parse_duration,
     parse_port_flag,
+    parse_positive_duration,
     parse_size,
 )
 
@@ -34,6 +38,8 @@ class PeerConfig:
     expiretime: float = 180.0
     total_limit: int = 0  # bytes/s each way for the whole host; 0 = unlimited
     timeouts: NodeTimeouts = NodeTimeouts()
+    write_idle_timeout: float = WRITE_IDLE_TIMEOUT  # an upload whose client reads nothing this long is aborted
+    max_uploads_per_client: int = MAX_UPLOADS_PER_CLIENT  # uploads one client address holds at once
 
 
 class Options(usage.Options):
@@ -65,6 +71,10 @@ class Options(usage.Options):
          "source [default: rejoinWait, else 10s]."],
         ["config", None, DEFAULT_DFGET_CONFIG,
          "dfget.yml to take totalLimit and the timeouts from (optional at the default path)."],
+        ["writeidletimeout", None, None,
+         "Abort an upload whose client has read nothing for this long [default: writeIdleTimeout, else 60s]."],
+        ["maxuploadsperclient", None, None,
+         "Uploads one client address may hold at once; more get 503 [default: maxUploadsPerClient, else 32]."],
     ]
 
     #: Timeout flags and the `NodeTimeouts` field each sets.
@@ -95,6 +105,15 @@ class Options(usage.Options):
                     if seconds <= 0 and flag != "rejoinwait":
                         raise ValueError(f"--{flag}: expected a duration above 0, got {self[flag]!r}")
                     given[field] = seconds
+            bounds = {"write_idle_timeout": file_config.write_idle_timeout,
+                      "max_uploads_per_client": file_config.max_uploads_per_client}
+            for flag, field, parse in (("writeidletimeout", "write_idle_timeout", parse_positive_duration),
+                                       ("maxuploadsperclient", "max_uploads_per_client", parse_count)):
+                if self[flag] is not None:
+                    try:
+                        bounds[field] = parse(self[flag])
+                    except ValueError as e:
+                        raise ValueError(f"--{flag}: {e}") from None
             self["config_obj"] = PeerConfig(
                 home=os.path.abspath(os.path.expanduser(self["home"] or default_home())),
                 port=port,
@@ -104,6 +123,7 @@ class Options(usage.Options):
                 expiretime=parse_duration(self["expiretime"]),
                 total_limit=total_limit or 0,
                 timeouts=attrs.evolve(file_config.timeouts, **given),
+                **bounds,
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

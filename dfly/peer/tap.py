@@ -187,7 +187,8 @@ def build_service(config: PeerConfig, reactor: Any, on_idle: Callable[[], None] 
     home.ensure()
     http, pool = make_http_client(reactor, connect_timeout=config.timeouts.connect)
     limit = HostLimit(config.total_limit, reactor)
-    uploads = UploadStore(reactor, limit.tx)
+    uploads = UploadStore(reactor, limit.tx, write_idle=config.write_idle_timeout,
+                          per_client=config.max_uploads_per_client)
     engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads, limit=limit, timeouts=config.timeouts)
     token = secrets.token_hex(16)
     endpoint = tcp_endpoint(reactor, config.port, config.listen)

@@ -5,7 +5,9 @@ task id in `UploadStore`, never by a client-supplied path, and only ranges
 inside pieces whose sha256 matched are served, so a peer never passes on
 bytes it has not verified.  Bytes leave through `FileRangeProducer`, 64 KiB
 at a time and paced by the host's upload bucket (``--totallimit``), so memory
-stays flat however many peers pull.
+stays flat however many peers pull.  A client holds at most
+``maxUploadsPerClient`` uploads at once (more are 503, `dfly.uploadslots`),
+and one that reads nothing for ``writeIdleTimeout`` is cut off.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dfly.codes import TASK_KEY_HEADER
+from dfly.config import MAX_UPLOADS_PER_CLIENT, WRITE_IDLE_TIMEOUT
 from dfly.pieces import is_task_id
 from dfly.ratelimit import TokenBucket, send_range
+from dfly.refusals import RefusalLog
+from dfly.uploadslots import UploadSlots, client_of, refuse_busy
 
 log = Logger(namespace="dfly.peer.uploader")
 
@@ -86,6 +91,14 @@ class UploadStore:
     files: dict[str, list[HeldFile]] = attrs.Factory(dict)
     active: int = 0  # uploads in progress
     last_upload: float = 0.0
+    write_idle: float = WRITE_IDLE_TIMEOUT  # an upload whose client reads nothing this long is aborted
+    per_client: int = MAX_UPLOADS_PER_CLIENT  # uploads one client address holds at once
+    slots: UploadSlots = attrs.field(init=False)
+    refusals: RefusalLog = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.slots = UploadSlots(self.per_client)
+        self.refusals = RefusalLog(self.clock)
 
     def add(self, held: HeldFile) -> None:
         held.last_access = self.clock.seconds()
@@ -132,9 +145,13 @@ class UploadStore:
             if e.status == 416:
                 request.setHeader(b"content-range", f"bytes */{e.length}".encode())
             return e.msg.encode() + b"\n"
+        client = client_of(request)
+        if not self.slots.take(client):
+            return refuse_busy(request, self.slots, self.refusals)
         try:
             fd = os.open(held.path, os.O_RDONLY)
         except OSError as e:
+            self.slots.release(client)
             request.setResponseCode(404)
             return f"task file is gone: {e.strerror}\n".encode()
         total = f"{held.length}" if held.length >= 0 else "*"
@@ -150,10 +167,12 @@ class UploadStore:
         def finished(result: Any) -> Any:
             held.uploads -= 1
             self.active -= 1
+            self.slots.release(client)
             self.last_upload = held.last_access = self.clock.seconds()
             return result
 
         # klein finishes the response with b""; after a failure the connection
         # is already dropped (the client sees a short body), never an error text.
-        sent = send_range(request, fd, start, end - start + 1, self.clock, self.bucket)
+        sent = send_range(request, fd, start, end - start + 1, self.clock, self.bucket,
+                          write_idle=self.write_idle, refusals=self.refusals)
         return sent.addBoth(finished).addBoth(lambda _: b"")

@@ -21,9 +21,10 @@ from dfly.jsonapi import ApiError, FastRoutes, bad_request, envelope, json_app, 
 from dfly.pieces import (
     is_md5, is_task_id, parse_digest, parse_filter, parse_range, piece_num_of, registration_task_url, task_id,
 )
+from dfly.refusals import RefusalLog
 from dfly.urls import check_url, parse_header_lines
 from dfly.supernode.metrics import metrics_registry, render
-from dfly.supernode.peerauth import PeerNetworks, RefusalLog, RegistrationLimit
+from dfly.supernode.peerauth import PeerNetworks, RegistrationLimit
 from dfly.supernode.pullqueue import Assignment
 from dfly.supernode.tasks import MAX_POLL_WAIT, Registration, Task, TaskManager
 

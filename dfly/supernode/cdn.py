@@ -5,7 +5,9 @@ Layout: ``<home>/repo/download/<id[:3]>/<id>`` holds the raw bytes of a task
 they came from.  The download port serves only those data files, by Range,
 so nginx pointed at ``<home>/repo`` could do the same job at scale (but
 without ``--max-upload-bandwidth``: here every response draws from one upload
-bucket, so the CDN's egress has a limit, which Dragonfly's nginx never had).
+bucket, so the CDN's egress has a limit, which Dragonfly's nginx never had;
+nor had it a cap on the sends one client holds, ``maxUploadsPerClient``, or
+``writeIdleTimeout`` for a client that stops reading).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
 from dfly.codes import TASK_KEY_HEADER
+from dfly.config import MAX_UPLOADS_PER_CLIENT, WRITE_IDLE_TIMEOUT
 from dfly.pieces import is_task_id, piece_count, piece_digest
 from dfly.private import make_private_dirs, open_private, private_dir
 from dfly.ratelimit import TokenBucket, send_range
+from dfly.refusals import RefusalLog
+from dfly.uploadslots import UploadSlots, client_of, refuse_busy
 
 META_VERSION = 1
 
@@ -255,7 +260,8 @@ class CdnFiles(resource.Resource):
     def __init__(self, cache: CdnCache, clock: IReactorTime | None = None, bucket: TokenBucket | None = None,
                  keys: Callable[[str], str | None] | None = None,
                  on_missing: Callable[[str], None] = lambda task_id: None,
-                 read: Callable[[Callable[[], bytes]], Any] | None = None) -> None:
+                 read: Callable[[Callable[[], bytes]], Any] | None = None,
+                 write_idle: float = WRITE_IDLE_TIMEOUT, per_client: int = MAX_UPLOADS_PER_CLIENT) -> None:
         super().__init__()
         self._cache = cache
         self._keys = keys  # task id -> its key; None: no key needed (tests of the file serving alone)
@@ -263,6 +269,9 @@ class CdnFiles(resource.Resource):
         self._read = read  # where piece reads run (the disk pool); None: on the reactor thread
         self._bucket = bucket
         self._clock = clock if clock is not None else (bucket.clock if bucket is not None else None)
+        self.write_idle = write_idle if self._clock is not None else 0.0  # no clock: no timer (file tests)
+        self.slots = UploadSlots(per_client)
+        self.refusals = RefusalLog(self._clock) if self._clock is not None else None
 
     def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
         rest = [path] + list(request.postpath)
@@ -286,7 +295,7 @@ class CdnFiles(resource.Resource):
             if self._keys is not None:
                 self._on_missing(task_id)
             return resource.NoResource("no such task")
-        return _CachedFile(path, self._clock, self._bucket, self._read)
+        return _CachedFile(path, self._clock, self._bucket, self._read, self)
 
     def render_GET(self, request: IRequest) -> bytes:
         request.setResponseCode(404)
@@ -299,12 +308,14 @@ class _CachedFile(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, path: str, clock: IReactorTime | None, bucket: TokenBucket | None, read: Any = None) -> None:
+    def __init__(self, path: str, clock: IReactorTime | None, bucket: TokenBucket | None, read: Any = None,
+                 files: CdnFiles | None = None) -> None:
         super().__init__()
         self._path = path
         self._clock = clock
         self._bucket = bucket
         self._read = read
+        self._files = files  # the port's slots, refusal log and write-idle timeout
 
     def render_HEAD(self, request: IRequest) -> bytes:
         opened = self._open(request)
@@ -313,11 +324,22 @@ class _CachedFile(resource.Resource):
         return b""
 
     def render_GET(self, request: IRequest) -> bytes | int:
+        files = self._files
+        client = client_of(request)
+        if files is not None and not files.slots.take(client):
+            return refuse_busy(request, files.slots, files.refusals)
         opened = self._open(request)
         if not isinstance(opened, tuple):
+            if files is not None:
+                files.slots.release(client)
             return opened
         fd, start, length = opened
-        send_range(request, fd, start, length, self._clock, self._bucket, self._read).addCallbacks(
+        sent = send_range(request, fd, start, length, self._clock, self._bucket, self._read,
+                          write_idle=files.write_idle if files is not None else 0.0,
+                          refusals=files.refusals if files is not None else None)
+        if files is not None:
+            sent.addBoth(lambda result: files.slots.release(client) or result)
+        sent.addCallbacks(
             lambda _: request.finish(), lambda _: None  # a failure already dropped the connection
         )
         return NOT_DONE_YET

@@ -26,6 +26,7 @@ from dfly.config import (
     parse_count,
     parse_duration,
     parse_port_flag,
+    parse_positive_duration,
     parse_size,
 )
 from dfly.httpclient import make_http_client, upstream_policy
@@ -92,6 +93,10 @@ class Options(usage.Options):
         ["max-file-size", None, None,
          "Largest source file fetched (e.g. 20G; also stops endless chunked sources); 0 = unlimited [default: 0]."],
         ["disk-threads", None, None, "Threads for disk work (hashing, writes, .meta) [default: 4]."],
+        ["write-idle-timeout", None, None,
+         "Abort a CDN send whose client has read nothing for this long [default: 60s; writeIdleTimeout]."],
+        ["max-uploads-per-client", None, None,
+         "CDN sends one client address may hold at once; more get 503 [default: 32; maxUploadsPerClient]."],
     ]
 
     def opt_version(self) -> None:
@@ -160,6 +165,8 @@ _MORE_FLAGS = (
     ("max-fetches", "max_fetches", parse_count),
     ("max-file-size", "max_file_size", parse_size),
     ("disk-threads", "disk_threads", parse_count),
+    ("write-idle-timeout", "write_idle_timeout", parse_positive_duration),
+    ("max-uploads-per-client", "max_uploads_per_client", parse_count),
 )
 
 
@@ -272,7 +279,8 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     cdn_listener = ListeningService(
         tcp_endpoint(reactor, config.download_port, config.listen),
         BoundedSite(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor), tasks.key_for,
-                      tasks.cache_file_missing, disk.run), access_log=config.access_log),
+                      tasks.cache_file_missing, disk.run, write_idle=config.write_idle_timeout,
+                      per_client=config.max_uploads_per_client), access_log=config.access_log),
         "CDN",
     )
     # Peers must be told the CDN port actually bound (it may have been 0).
