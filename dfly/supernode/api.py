@@ -18,12 +18,13 @@ from twisted.web.iweb import IRequest
 import dfly
 from dfly import codes
 from dfly.jsonapi import ApiError, FastRoutes, bad_request, envelope, json_app, query_arg, query_int, read_json
+from dfly.refusals import RefusalLog
 from dfly.pieces import (
     is_md5, is_task_id, parse_digest, parse_filter, parse_range, piece_num_of, registration_task_url, task_id,
 )
 from dfly.urls import check_url, parse_header_lines
 from dfly.supernode.metrics import metrics_registry, render
-from dfly.supernode.peerauth import PeerNetworks, RefusalLog, RegistrationLimit
+from dfly.supernode.peerauth import PeerNetworks, RegistrationLimit
 from dfly.supernode.pullqueue import Assignment
 from dfly.supernode.tasks import MAX_POLL_WAIT, Registration, Task, TaskManager
 
@@ -117,7 +118,7 @@ class SupernodeApi:
         self.advertise_ip = advertise_ip
         self.networks = networks
         self.limit = RegistrationLimit(tasks.clock, registration_rate)
-        self.refusals = RefusalLog(tasks.clock)
+        self.refusals = RefusalLog(tasks.clock, log)
         self.metrics = metrics_registry(tasks)
 
     def _authorize(self, request: IRequest, task_id: str, cid: str) -> None:

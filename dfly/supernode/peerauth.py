@@ -16,7 +16,7 @@ to connect to, or flood registrations.  So:
 - registrations are limited per client address (a token bucket each,
   ``registrationRate`` a second, bursts of ten seconds' worth);
 - each refusal is logged once per client address and reason a minute,
-  not once per request.
+  not once per request (`dfly.refusals.RefusalLog`, shared with every port).
 """
 
 from __future__ import annotations
@@ -30,14 +30,12 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from dfly.refusals import MAX_CLIENTS
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = Logger(namespace="dfly.supernode")
 
-#: Client addresses remembered by the rate limit and the log limiter.
-MAX_CLIENTS = 10_000
-#: A refusal is logged at most once per client and reason in this many seconds.
-LOG_EVERY = 60.0
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -105,21 +103,3 @@ class RegistrationLimit:
             self._buckets.popitem(last=False)
         return allowed
 
-
-@attrs.define(eq=False)
-class RefusalLog:
-    """Logs a refusal once per (client, reason) and `LOG_EVERY` seconds: a flood is one line a minute."""
-
-    clock: IReactorTime
-    _last: OrderedDict[tuple[str, str], float] = attrs.Factory(OrderedDict)
-
-    def refused(self, client: str, what: str, why: str) -> None:
-        key = (client, what)
-        now = self.clock.seconds()
-        last = self._last.pop(key, None)
-        self._last[key] = now if last is None or now - last >= LOG_EVERY else last
-        while len(self._last) > MAX_CLIENTS:
-            self._last.popitem(last=False)
-        if last is None or now - last >= LOG_EVERY:
-            log.warn("refused {what} from {client}: {why} (logged once a minute per client)",
-                     what=what, client=client, why=why)
