@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from dfly.clustertoken import check_token
 from dfly.private import private_dir
 from dfly.urls import check_url
 
@@ -274,6 +275,8 @@ class DfgetFileConfig:
     local_limit: int = DEFAULT_LOCAL_LIMIT
     total_limit: int | None = None  # None: not set here (the daemon's own value holds)
     timeouts: NodeTimeouts = NodeTimeouts()
+    cluster_token: str | None = attrs.field(default=None, repr=False)  # sent to the supernode, CDN and peers
+    cluster_ca: str | None = None  # PEM of the CA that signed the supernode's certificate: https to it
 
 
 _DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -282,6 +285,8 @@ _DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "timeout": ("timeout", parse_duration),
     "localLimit": ("local_limit", parse_size),
     "totalLimit": ("total_limit", parse_size),
+    "clusterToken": ("cluster_token", check_token),
+    "clusterCa": ("cluster_ca", _string),
     **_TIMEOUT_KEYS,
 }
 
@@ -319,6 +324,9 @@ class SupernodeFileConfig:
     peer_networks: tuple[Network, ...] = ()  # advertised peer addresses must be inside; (): any
     trusted_peer_networks: tuple[Network, ...] = ()  # clients here may advertise another address (NAT)
     registration_rate: float = 20.0  # registrations a second per client address (bursts of 10 s); 0: no limit
+    cluster_token: str | None = attrs.field(default=None, repr=False)  # required on the API (but /_ping) and CDN
+    tls_cert: str | None = None  # PEM certificate (and chain) the API and the CDN port serve TLS with
+    tls_key: str | None = None  # its PEM private key
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -392,11 +400,17 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "peerNetworks": ("peer_networks", lambda v: parse_networks(v, "peerNetworks")),
     "trustedPeerNetworks": ("trusted_peer_networks", lambda v: parse_networks(v, "trustedPeerNetworks")),
     "registrationRate": ("registration_rate", _rate),
+    "clusterToken": ("cluster_token", check_token),
+    "tlsCert": ("tls_cert", _string),
+    "tlsKey": ("tls_key", _string),
 }
 
 
 def load_supernode_config(path: str = DEFAULT_SUPERNODE_CONFIG, required: bool = False) -> SupernodeFileConfig:
-    return SupernodeFileConfig(**_apply(path, _read_yaml(path, required), _SUPERNODE_KEYS))
+    values = _apply(path, _read_yaml(path, required), _SUPERNODE_KEYS)
+    if ("tls_cert" in values) != ("tls_key" in values):
+        raise ValueError(f"config file {path}: tlsCert and tlsKey go together (give both, or neither)")
+    return SupernodeFileConfig(**values)
 
 
 DEFAULT_DFDAEMON_CONFIG = "/etc/dragonfly/dfdaemon.yml"
@@ -576,6 +590,8 @@ class DfdaemonFileConfig:
     connect_ports: tuple[int, ...] = DEFAULT_CONNECT_PORTS
     # b"user:password" each; kept out of repr so a logged config shows no password.
     proxy_auth: tuple[bytes, ...] = attrs.field(default=(), repr=False)
+    cluster_token: str | None = attrs.field(default=None, repr=False)  # of the embedded peer engine
+    cluster_ca: str | None = None  # likewise: https to the supernode, verified against this CA
 
 
 def _regex(value: Any) -> re.Pattern[str]:
@@ -677,6 +693,8 @@ _DFDAEMON_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "hijackHttps": ("hijack", _hijack),
     "connectPorts": ("connect_ports", _connect_ports),
     "proxyAuth": ("proxy_auth", _credentials),
+    "clusterToken": ("cluster_token", check_token),
+    "clusterCa": ("cluster_ca", _string),
     **_TIMEOUT_KEYS,
 }
 

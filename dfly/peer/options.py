@@ -34,6 +34,8 @@ class PeerConfig:
     expiretime: float = 180.0
     total_limit: int = 0  # bytes/s each way for the whole host; 0 = unlimited
     timeouts: NodeTimeouts = NodeTimeouts()
+    cluster_token: str | None = attrs.field(default=None, repr=False)  # clusterToken of dfget.yml
+    cluster_ca: str | None = None  # clusterCa of dfget.yml: https to the supernode, verified against it
 
 
 class Options(usage.Options):
@@ -64,7 +66,8 @@ class Options(usage.Options):
          "When a download's supernode is lost, retry the nodes this long (a restart) before going to the "
          "source [default: rejoinWait, else 10s]."],
         ["config", None, DEFAULT_DFGET_CONFIG,
-         "dfget.yml to take totalLimit and the timeouts from (optional at the default path)."],
+         "dfget.yml to take totalLimit, the timeouts, clusterToken and clusterCa from (optional at the "
+         "default path)."],
     ]
 
     #: Timeout flags and the `NodeTimeouts` field each sets.
@@ -104,6 +107,12 @@ class Options(usage.Options):
                 expiretime=parse_duration(self["expiretime"]),
                 total_limit=total_limit or 0,
                 timeouts=attrs.evolve(file_config.timeouts, **given),
+                cluster_token=file_config.cluster_token,
+                cluster_ca=file_config.cluster_ca,
             )
+            if file_config.cluster_ca is not None:
+                from dfly.httpclient import upstream_policy  # here: dfget's own runs need no HTTP stack
+
+                upstream_policy(file_config.cluster_ca, False)  # an unreadable CA stops the start with its reason
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
