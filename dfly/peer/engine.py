@@ -28,7 +28,7 @@ from twisted.internet.error import ConnectionRefusedError as Refused
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.http_headers import Headers
 
 import dfly
@@ -727,7 +727,7 @@ class PeerEngine:
                 }
                 status, answer = await self._unless_hung(node, Deferred.fromCoroutine(
                     self._api(node, "POST", "/peer/registry", body=body, timeout=self.register_timeout)))
-            except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _P2PFailed, _NodeHung) as e:
+            except (ConnectError, DNSLookupError, TimeoutError, *_NO_RESPONSE, _P2PFailed, _NodeHung) as e:
                 _stop_if_cancelled(run)
                 error = _describe_error(e)
                 log.warn("do register to {node} failed: {error}", node=where, error=error, sign=req.sign)
@@ -1043,7 +1043,7 @@ class PeerEngine:
                                            timeout=self.timeouts.api, reactor=self.reactor)
         except (ConnectError, DNSLookupError) as e:
             raise _PieceFailed("unreachable", f"cannot reach {host}:{port}: {e}") from None
-        except (TimeoutError, ResponseFailed) as e:
+        except (TimeoutError, *_NO_RESPONSE) as e:
             # treq's timeout surfaces as ResponseNeverReceived; a bare
             # CancelledError is our own download ending, and propagates.
             raise _PieceFailed("timeout", f"no answer from {host}:{port}: {_describe_error(e)}") from None
@@ -1208,15 +1208,20 @@ class PeerEngine:
         return self.run_blocking(lambda: f(*args))
 
 
+#: No answer came: the connection broke, timed out, or (TLS) its handshake failed
+#: before the request was sent (RequestTransmissionFailed) or after.
+_NO_RESPONSE = (ResponseFailed, RequestTransmissionFailed)
+
+
 def _is_network_error(e: BaseException) -> bool:
     """The supernode cannot be reached or used (as opposed to a bug of ours)."""
-    return isinstance(e, (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _BadAnswer, _NodeHung))
+    return isinstance(e, (ConnectError, DNSLookupError, TimeoutError, *_NO_RESPONSE, _BadAnswer, _NodeHung))
 
 
 def _describe_error(e: BaseException) -> str:
     if isinstance(e, _P2PFailed):
         return e.error
-    if isinstance(e, ResponseFailed) and e.reasons:
+    if isinstance(e, _NO_RESPONSE) and e.reasons:
         # A timeout cancels the request: its reason, a CancelledError, has no message.
         return "; ".join(_tls_error(r.value) or r.getErrorMessage() or _no_answer(r.value) for r in e.reasons)
     return str(e) or _no_answer(e)
@@ -1228,7 +1233,9 @@ def _tls_error(e: BaseException) -> str | None:
         return (f"TLS handshake failed ({e.args[0] if e.args else e}): is the certificate signed by clusterCa, "
                 "and still valid?")
     if isinstance(e, VerificationError):
-        return f"TLS: the certificate does not name the address dialled ({e})"
+        ids = [error.mismatched_id for error in e.errors if hasattr(error, "mismatched_id")]
+        dialled = ", ".join(str(getattr(i, "ip", None) or getattr(i, "hostname", i)) for i in ids) or "what was dialled"
+        return f"TLS: the certificate does not name {dialled} (its SANs must hold the name or address peers dial)"
     return None
 
 

@@ -14,11 +14,15 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
 from dfly import codes
+from dfly.clustertoken import ClusterGate
 from dfly.config import SupernodeFileConfig
 from dfly.peer.options import PeerConfig
 from dfly.peer.tap import build_service as build_peer
@@ -139,3 +143,32 @@ class ClusterTokenTests(IntegrationTestCase):
         self.assertEqual(status, 200, body)
         status, _ = await self.get(self.uploader + "/peer/file/" + "a" * 64, [TOKEN.encode()])
         self.assertNotEqual(status, 401)
+
+
+def piece_request() -> DummyRequest:
+    request = DummyRequest([b"download"])
+    request.path = b"/download/abc"
+    return request
+
+
+class GateLogTests(SynchronousTestCase):
+    """The gate's refusal log on a fake clock: one line per client a minute, a new one after it."""
+
+    def test_a_minute_later_the_flood_is_logged_again(self) -> None:
+        clock = Clock()
+        lines: list[dict[str, Any]] = []
+        gate = ClusterGate(TOKEN, clock, "CDN")
+        gate.refusals.log.observer = lines.append  # type: ignore[method-assign]
+        for _ in range(100):
+            self.assertIsNotNone(gate.refusal(piece_request()))
+            clock.advance(0.5)  # 100 requests over 50 s
+        self.assertEqual(len(lines), 1)
+        clock.advance(10)
+        self.assertIsNotNone(gate.refusal(piece_request()))
+        self.assertEqual(len(lines), 2)
+
+    def test_the_right_token_passes_and_is_not_logged(self) -> None:
+        gate = ClusterGate(TOKEN, Clock(), "CDN")
+        request = piece_request()
+        request.requestHeaders.setRawHeaders(HEADER, [TOKEN.encode()])
+        self.assertIsNone(gate.refusal(request))
