@@ -237,8 +237,6 @@ class PeerEngine:
     def __attrs_post_init__(self) -> None:
         if self.source is None:
             self.source = SourceClient(self.http, self.reactor)
-        if self.cluster_http is None:
-            self.cluster_http = self.http
         if self.run_blocking is None:
             self.run_blocking = thread_runner(self.reactor)
         if self.limit is None:
@@ -579,7 +577,7 @@ class PeerEngine:
             headers["Content-Type"] = "application/json"
         if headers:
             kwargs["headers"] = headers
-        response = await self.cluster_http.request(method, url.to_text(), **kwargs)
+        response = await self._cluster.request(method, url.to_text(), **kwargs)
         try:
             raw = await read_limited(response, MAX_ANSWER)
         except BodyTooLarge as e:
@@ -592,6 +590,11 @@ class PeerEngine:
         except ValueError:
             raise _BadAnswer(codes.REASON_DOWNLOAD_ERROR, f"supernode {format_node(node)} answered {response.code} without a dfly JSON body") from None
         return response.code, answer
+
+    @property
+    def _cluster(self) -> Any:
+        """The client for requests into the cluster: ``cluster_http``, else the one client."""
+        return self.cluster_http if self.cluster_http is not None else self.http
 
     @property
     def _api_scheme(self) -> str:
@@ -623,8 +626,9 @@ class PeerEngine:
             url = hyperlink.URL(scheme=self._api_scheme, host=host, port=port, path=("_ping",)).to_text()
             try:
                 # /_ping needs no token; it goes with it anyway, like every request into the cluster.
-                response = await self.cluster_http.get(url, headers=self._cluster_headers(), timeout=self.ping_timeout,
-                                                       reactor=self.reactor)
+                headers = self._cluster_headers()
+                response = await self._cluster.get(url, timeout=self.ping_timeout, reactor=self.reactor,
+                                                       **({"headers": headers} if headers else {}))
                 abort_body(response)
                 if response.code == 200:
                     self._heard[node] = self.reactor.seconds()
@@ -1039,7 +1043,7 @@ class PeerEngine:
         if self.cluster_token:
             headers.setRawHeaders(CLUSTER_TOKEN_HEADER, [self.cluster_token])
         try:
-            response = await self.cluster_http.get(url.to_text(), headers=headers, unbuffered=True,
+            response = await self._cluster.get(url.to_text(), headers=headers, unbuffered=True,
                                            timeout=self.timeouts.api, reactor=self.reactor)
         except (ConnectError, DNSLookupError) as e:
             raise _PieceFailed("unreachable", f"cannot reach {host}:{port}: {e}") from None

@@ -172,3 +172,9 @@ class GateLogTests(SynchronousTestCase):
         request = piece_request()
         request.requestHeaders.setRawHeaders(HEADER, [TOKEN.encode()])
         self.assertIsNone(gate.refusal(request))
+
+    def test_the_token_header_is_redacted_in_logs(self) -> None:
+        """A logged ``X-Dfly-Cluster-Token: <value>`` shows ``***`` (dfly.logs.redact, every log file)."""
+        from dfly.logs import redact
+
+        self.assertEqual(redact(f"X-Dfly-Cluster-Token: {TOKEN}"), "X-Dfly-Cluster-Token: ***")
