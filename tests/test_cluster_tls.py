@@ -142,6 +142,29 @@ class ServerTlsFileTests(SynchronousTestCase):
         self.assertNotIn("\n", str(error))
 
 
+class PeerOptionsTests(SynchronousTestCase):
+    """``dfget server`` reads clusterToken and clusterCa from its dfget.yml; an unreadable CA stops it."""
+
+    def options(self, text: str) -> Any:
+        from dfly.peer.options import Options
+
+        path = self.mktemp() + ".yml"
+        with open(path, "w") as f:
+            f.write(text)
+        options = Options()
+        options.parseOptions(["--config", path, "--home", self.mktemp()])
+        return options["config_obj"]
+
+    def test_the_daemon_takes_both_keys(self) -> None:
+        ca = make_pki(self.mktemp())["ca"]
+        config = self.options(f"clusterToken: {TOKEN}\nclusterCa: {ca}\n")
+        self.assertEqual((config.cluster_token, config.cluster_ca), (TOKEN, ca))
+
+    def test_an_unreadable_ca_stops_the_start(self) -> None:
+        error = self.assertRaises(usage.UsageError, self.options, "clusterCa: /nonexistent/ca.pem\n")
+        self.assertIn("/nonexistent/ca.pem", str(error))
+
+
 class ClusterTlsTests(P2PTestCase):
     """A supernode with a token and TLS; peers with the token and ``clusterCa``."""
 
