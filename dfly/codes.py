@@ -27,6 +27,10 @@ PEER_SECRET_HEADER = "X-Dfly-Peer-Secret"
 #: The header that carries a task's key on every piece request (CDN port, uploaders).
 TASK_KEY_HEADER = "X-Dfly-Task-Key"
 PEER_UNAUTHORIZED = 614  # dfly: a pull, report or down without its cid's peer secret
+#: The header that carries ``clusterToken`` on every request to the supernode
+#: API, the CDN port and the uploaders (when the cluster has one).
+CLUSTER_TOKEN_HEADER = "X-Dfly-Cluster-Token"
+CLUSTER_UNAUTHORIZED = 615  # dfly: a request without the cluster's token (missing, wrong, malformed)
 
 # Piece results a peer reports.
 PIECE_FAILED = 500

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from dfly.clustertoken import check_token
 from dfly.private import private_dir
 from dfly.urls import check_url
 
@@ -288,6 +289,8 @@ class DfgetFileConfig:
     timeouts: NodeTimeouts = NodeTimeouts()
     write_idle_timeout: float = WRITE_IDLE_TIMEOUT  # of the daemon's uploader
     max_uploads_per_client: int = MAX_UPLOADS_PER_CLIENT
+    cluster_token: str | None = attrs.field(default=None, repr=False)  # sent to the supernode, CDN and peers
+    cluster_ca: str | None = None  # PEM of the CA that signed the supernode's certificate: https to it
 
 
 _DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -296,6 +299,8 @@ _DFGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "timeout": ("timeout", parse_duration),
     "localLimit": ("local_limit", parse_size),
     "totalLimit": ("total_limit", parse_size),
+    "clusterToken": ("cluster_token", check_token),
+    "clusterCa": ("cluster_ca", _string),
     **_TIMEOUT_KEYS,
     "writeIdleTimeout": ("write_idle_timeout", _positive_duration),
     "maxUploadsPerClient": ("max_uploads_per_client", lambda v: parse_count(v)),  # parse_count comes below
@@ -337,6 +342,9 @@ class SupernodeFileConfig:
     registration_rate: float = 20.0  # registrations a second per client address (bursts of 10 s); 0: no limit
     write_idle_timeout: float = WRITE_IDLE_TIMEOUT  # a CDN send whose client reads nothing this long is aborted
     max_uploads_per_client: int = MAX_UPLOADS_PER_CLIENT  # CDN sends one client address holds at once
+    cluster_token: str | None = attrs.field(default=None, repr=False)  # required on the API (but /_ping) and CDN
+    tls_cert: str | None = None  # PEM certificate (and chain) the API and the CDN port serve TLS with
+    tls_key: str | None = None  # its PEM private key
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -412,11 +420,17 @@ _SUPERNODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "registrationRate": ("registration_rate", _rate),
     "writeIdleTimeout": ("write_idle_timeout", _positive_duration),
     "maxUploadsPerClient": ("max_uploads_per_client", parse_count),
+    "clusterToken": ("cluster_token", check_token),
+    "tlsCert": ("tls_cert", _string),
+    "tlsKey": ("tls_key", _string),
 }
 
 
 def load_supernode_config(path: str = DEFAULT_SUPERNODE_CONFIG, required: bool = False) -> SupernodeFileConfig:
-    return SupernodeFileConfig(**_apply(path, _read_yaml(path, required), _SUPERNODE_KEYS))
+    values = _apply(path, _read_yaml(path, required), _SUPERNODE_KEYS)
+    if ("tls_cert" in values) != ("tls_key" in values):
+        raise ValueError(f"config file {path}: tlsCert and tlsKey go together (give both, or neither)")
+    return SupernodeFileConfig(**values)
 
 
 DEFAULT_DFDAEMON_CONFIG = "/etc/dragonfly/dfdaemon.yml"
@@ -599,6 +613,8 @@ class DfdaemonFileConfig:
     tunnel_idle_timeout: float = TUNNEL_IDLE_TIMEOUT  # a blind CONNECT tunnel silent this long is closed
     write_idle_timeout: float = WRITE_IDLE_TIMEOUT  # of the embedded uploader
     max_uploads_per_client: int = MAX_UPLOADS_PER_CLIENT
+    cluster_token: str | None = attrs.field(default=None, repr=False)  # of the embedded peer engine
+    cluster_ca: str | None = None  # likewise: https to the supernode, verified against this CA
 
 
 def _regex(value: Any) -> re.Pattern[str]:
@@ -700,6 +716,8 @@ _DFDAEMON_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "hijackHttps": ("hijack", _hijack),
     "connectPorts": ("connect_ports", _connect_ports),
     "proxyAuth": ("proxy_auth", _credentials),
+    "clusterToken": ("cluster_token", check_token),
+    "clusterCa": ("cluster_ca", _string),
     **_TIMEOUT_KEYS,
     "tunnelIdleTimeout": ("tunnel_idle_timeout", _positive_duration),
     "writeIdleTimeout": ("write_idle_timeout", _positive_duration),

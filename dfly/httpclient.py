@@ -58,6 +58,20 @@ def make_http_client(reactor: Any, policy: IPolicyForHTTPS | None = None,
     return HTTPClient(agent, cookiejar=no_cookies), pool
 
 
+def cluster_client(reactor: Any, cluster_ca: str | None, connect_timeout: float | None = None,
+                   ) -> tuple[HTTPClient | None, HTTPConnectionPool | None]:
+    """The client a peer engine speaks to its cluster with (supernode API, CDN, peers), and its pool.
+
+    (None, None) without ``clusterCa``: the engine's one client serves.
+    With it, a second client and pool whose TLS trusts that CA alone, so
+    that no public CA can vouch for a supernode, while back-to-source
+    keeps the system's roots (or ``caBundle``).
+    """
+    if cluster_ca is None:
+        return None, None
+    return make_http_client(reactor, upstream_policy(cluster_ca, False), connect_timeout=connect_timeout)
+
+
 def upstream_policy(ca_bundle: str | None, insecure: bool) -> IPolicyForHTTPS:
     """The TLS policy towards registries and origins (supernode fetches, dfdaemon, back to source).
 

@@ -43,7 +43,7 @@ _SECRET_QUERY = re.compile(
 #: Headers that carry credentials, as "Name: value" (a --header, a logged request).
 _SECRET_HEADER = re.compile(
     r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie|x-api-key|private-token|x-auth-token"
-    r"|x-dfly-peer-secret|x-dfly-task-key)(\s*:\s*)[^,\"'\]\n]+")
+    r"|x-dfly-peer-secret|x-dfly-task-key|x-dfly-cluster-token)(\s*:\s*)[^,\"'\]\n]+")
 #: The same secrets as JSON fields (a logged supernode answer holds the task key and the peer secret).
 _SECRET_FIELD = re.compile(r'(?i)("(?:key|peersecret|token|password|secret|authorization)"\s*:\s*)"[^"]*"')
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}")

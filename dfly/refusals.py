@@ -1,11 +1,11 @@
-"""Refusals logged once per client and reason a minute, not once per request.
+"""Refusals logged once a minute per client and reason, whatever port refuses.
 
-A flood of refused requests (a registration storm, a client that opens
-range after range over its cap, one that never reads) must not become a
-flood of log lines: `RefusalLog` writes the first refusal of each (client,
-reason) and then stays quiet for `LOG_EVERY` seconds.  Shared by the
-supernode (peer authentication, the CDN port) and the peer's uploader, which
-may not import each other.
+A client that is refused (a peer secret missing, a registration over its
+rate, a request without the cluster token) may send thousands of requests
+a second; a log line for each would fill the disk and hide everything
+else.  `RefusalLog` writes the first, then at most one a minute for the same
+client and reason.  Shared by the supernode (`dfly.supernode.peerauth`) and
+by every port behind `dfly.webbounds.BoundedSite` (`dfly.clustertoken`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-log = Logger(namespace="dfly.refusals")
-
-#: Client addresses remembered by the rate limit and the log limiter.
+#: Clients (with reasons) remembered; a spray of addresses forgets the oldest.
 MAX_CLIENTS = 10_000
 #: A refusal is logged at most once per client and reason in this many seconds.
 LOG_EVERY = 60.0
@@ -29,6 +27,7 @@ class RefusalLog:
     """Logs a refusal once per (client, reason) and `LOG_EVERY` seconds: a flood is one line a minute."""
 
     clock: IReactorTime
+    log: Logger = attrs.field(factory=lambda: Logger(namespace="dfly.refusals"))
     _last: OrderedDict[tuple[str, str], float] = attrs.Factory(OrderedDict)
 
     def refused(self, client: str, what: str, why: str) -> None:
@@ -39,5 +38,5 @@ class RefusalLog:
         while len(self._last) > MAX_CLIENTS:
             self._last.popitem(last=False)
         if last is None or now - last >= LOG_EVERY:
-            log.warn("refused {what} from {client}: {why} (logged once a minute per client)",
-                     what=what, client=client, why=why)
+            self.log.warn("refused {what} from {client}: {why} (logged once a minute per client)",
+                          what=what, client=client, why=why)

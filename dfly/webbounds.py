@@ -32,6 +32,10 @@ Twisted 26.10), so this module adds nothing for headers:
 - ``timeOut`` = 60 s (``HTTPFactory``'s default): a connection that sends
   nothing for that long while a request is being read is closed.
 
+With a ``cluster_gate`` (`dfly.clustertoken.ClusterGate`) the site also
+refuses requests without the cluster token, before any resource runs: the
+one place every port that peers reach checks it.
+
 Only for ports whose requests are small: dfdaemon's proxy port relays
 registry uploads (blob ``PATCH``/``PUT`` of many MiB) and keeps a plain Site.
 """
@@ -46,6 +50,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 
 from dfly import codes
+from dfly.clustertoken import ClusterGate, Refusal
 from dfly.urls import access_log_uri
 
 #: The default limit; `dfly.jsonapi.read_json` checks the same one.
@@ -151,12 +156,22 @@ class BoundedSite(server.Site):
     requestFactory = BoundedRequest
     protocol = _Channel
 
-    def __init__(self, resource: Any, max_body: int = MAX_BODY, access_log: bool = True, **kwargs: Any) -> None:
+    def __init__(self, resource: Any, max_body: int = MAX_BODY, access_log: bool = True,
+                 cluster_gate: ClusterGate | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("parsePOSTFormSubmission", False)
         kwargs.setdefault("logFormatter", _log_line)  # queries stay out of access logs
         super().__init__(resource, **kwargs)
         self.max_body = max_body
         self.access_log = access_log
+        self.cluster_gate = cluster_gate
+
+    def getResourceFor(self, request: Any) -> Any:
+        """The resource, or the cluster gate's 401 when the request lacks the token."""
+        if self.cluster_gate is not None:
+            why = self.cluster_gate.refusal(request)
+            if why is not None:
+                return Refusal(why)
+        return super().getResourceFor(request)
 
     def log(self, request: Any) -> None:
         """One access line per request, unless turned off (on a busy API it costs ~15 % of the CPU)."""

@@ -13,6 +13,7 @@ from dfly.config import (
     DfgetFileConfig,
     Home,
     SupernodeFileConfig,
+    load_dfdaemon_config,
     load_dfget_config,
     load_supernode_config,
     parse_duration,
@@ -440,3 +441,52 @@ class LoadSupernodeConfigTests(_YamlFiles):
         """The file must hold a mapping."""
         error = self.assertRaises(ValueError, load_supernode_config, self.write("- port\n"))
         self.assertIn("mapping", str(error))
+
+
+class ClusterKeyTests(_YamlFiles):
+    """``clusterToken`` in all three files, ``clusterCa`` in dfget.yml and dfdaemon.yml, TLS in supernode.yml."""
+
+    LOADERS = (load_dfget_config, load_supernode_config, load_dfdaemon_config)
+
+    def test_token_in_every_file(self) -> None:
+        path = self.write("clusterToken: s3cret-Token_1\n")
+        for load in self.LOADERS:
+            self.assertEqual(load(path).cluster_token, "s3cret-Token_1", load.__name__)
+
+    def test_token_defaults_to_none(self) -> None:
+        path = self.write("{}\n")
+        for load in self.LOADERS:
+            self.assertIsNone(load(path).cluster_token, load.__name__)
+
+    def test_token_stays_out_of_repr(self) -> None:
+        path = self.write("clusterToken: s3cret-Token_1\n")
+        for load in self.LOADERS:
+            self.assertNotIn("s3cret", repr(load(path)), load.__name__)
+
+    def test_unusable_tokens_are_config_errors(self) -> None:
+        """Empty, whitespace, control characters, non-ASCII, too long, not a string: one line, no value repeated."""
+        for text in ('""', '"   "', '"two words"', '"tab\\there"', '"nul\\0"', '"caf\\u00e9"', '"' + "x" * 257 + '"',
+                     "12345", "[a]", "null"):
+            path = self.write(f"clusterToken: {text}\n")
+            for load in self.LOADERS:
+                error = self.assertRaises(ValueError, load, path)
+                self.assertIn("clusterToken", str(error), (text, load.__name__))
+                self.assertNotIn("\n", str(error))
+                if len(text) > 6:
+                    self.assertNotIn(text.strip('"'), str(error))
+
+    def test_cluster_ca(self) -> None:
+        path = self.write("clusterCa: /etc/dragonfly/cluster-ca.pem\n")
+        self.assertEqual(load_dfget_config(path).cluster_ca, "/etc/dragonfly/cluster-ca.pem")
+        self.assertEqual(load_dfdaemon_config(path).cluster_ca, "/etc/dragonfly/cluster-ca.pem")
+        self.assertRaises(ValueError, load_supernode_config, path)  # the supernode serves TLS, it does not dial it
+
+    def test_tls_pair(self) -> None:
+        path = self.write("tlsCert: /c.pem\ntlsKey: /k.pem\n")
+        config = load_supernode_config(path)
+        self.assertEqual((config.tls_cert, config.tls_key), ("/c.pem", "/k.pem"))
+
+    def test_tls_halves_are_refused(self) -> None:
+        for text in ("tlsCert: /c.pem\n", "tlsKey: /k.pem\n"):
+            error = self.assertRaises(ValueError, load_supernode_config, self.write(text))
+            self.assertIn("tlsCert and tlsKey go together", str(error))

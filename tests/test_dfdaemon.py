@@ -938,6 +938,25 @@ class AuthTests(DfdaemonTestCase):
         [fetch] = self.registry.blob_hits(digest)
         self.assertEqual((fetch.code, fetch.values(b"authorization")), (200, [CREDENTIALS]))
 
+    async def test_the_registration_carries_the_client_s_authorization(self) -> None:
+        """dfdaemon forwards the registry ``Authorization`` to the supernode in the registration's headers."""
+        data = os.urandom(1000)
+        digest = self.registry.add_blob(data)
+        daemon = await self.start()
+        registrations: list[dict[str, Any]] = []
+        site: Any = self.supernode.api.factory
+        resource_for = site.getResourceFor
+
+        def recording(request: Any) -> Any:
+            if request.path == b"/peer/registry":
+                registrations.append(json.loads(request.content.getvalue()))
+            return resource_for(request)
+
+        site.getResourceFor = recording
+        self.assertP2P(*await self.get(f"{daemon.url}/v2/library/app/blobs/sha256:{digest}",
+                                       {b"Authorization": [CREDENTIALS]}), data)
+        self.assertEqual([reg["headers"] for reg in registrations], [[f"Authorization: {CREDENTIALS.decode()}"]])
+
     async def test_cached_blob_still_needs_credentials(self) -> None:
         """Once cached, the blob is still refused (401 with the challenge) to a client without credentials."""
         data = os.urandom(1000)

@@ -153,6 +153,9 @@ class P2PTestCase(TestCase):
     """An origin, a supernode and any number of peer daemons, all on 127.0.0.1."""
 
     timeout = 120
+    #: More fields of every supernode's and every host's config (clusterToken, TLS).
+    supernode_config: dict[str, Any] = {}
+    host_config: dict[str, Any] = {}
 
     def setUp(self) -> None:
         self.work = os.path.abspath(self.mktemp())
@@ -200,7 +203,7 @@ class P2PTestCase(TestCase):
     def start_supernode(self) -> SupernodeParts:
         config = SupernodeFileConfig(
             port=0, download_port=0, listen="127.0.0.1", home=os.path.join(self.work, "supernode"),
-            advertise_ip="127.0.0.1",
+            advertise_ip="127.0.0.1", **self.supernode_config,
         )
         parts = build_supernode(config, reactor)
         api_factory = parts.api.factory = ClosingFactory(parts.api.factory)
@@ -220,11 +223,12 @@ class P2PTestCase(TestCase):
         self.supernode = parts
         return parts
 
-    def start_host(self, expiretime: float = 180.0, corrupt: bool = False) -> Host:
+    def start_host(self, expiretime: float = 180.0, corrupt: bool = False, **more: Any) -> Host:
         """A peer daemon with its own home; ``corrupt``: its uploader sends wrong bytes."""
         name = f"host{len(self.hosts)}"
         home = os.path.join(self.work, name)
-        config = PeerConfig(home=home, port=0, listen="127.0.0.1", ip="127.0.0.1", alivetime=0, expiretime=expiretime)
+        config = PeerConfig(home=home, port=0, listen="127.0.0.1", ip="127.0.0.1", alivetime=0, expiretime=expiretime,
+                            **{**self.host_config, **more})
         parts = build_peer(config, reactor, on_idle=lambda: None)
         site = parts.listener.factory
         if corrupt:
@@ -251,12 +255,12 @@ class P2PTestCase(TestCase):
         self.hosts.append(host)
         return host
 
-    def download(self, host: Host, file: Served) -> Run:
+    def download(self, host: Host, file: Served, **more: Any) -> Run:
         """Start a download of ``file`` on ``host`` with a new sign and output."""
         n = next(_signs)
         req = DownloadRequest(
             url=file.url, output=os.path.join(self.out, f"{host.name}-{n}.bin"), sign=f"{os.getpid()}-{n}.000",
-            nodes=self.nodes, local_limit=0,
+            nodes=self.nodes, local_limit=0, **more,
         )
         run = Run(host, req, host.parts.engine.download(req))
         host.runs.append(run)

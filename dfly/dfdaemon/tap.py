@@ -39,12 +39,12 @@ from dfly.config import (
 from dfly.dfdaemon.ca import CertificateAuthority
 from dfly.dfdaemon.forward import agent_for
 from dfly.dfdaemon.server import Dfdaemon, DfdaemonSite
-from dfly.httpclient import make_http_client, upstream_policy
+from dfly.httpclient import cluster_client, make_http_client, upstream_policy
 from dfly.logs import line_observer, make_sign, open_log
 from dfly.peer.engine import PeerEngine
 from dfly.peer.localapi import LocalApi
 from dfly.peer.options import PeerConfig
-from dfly.peer.tap import GC_INTERVAL, PeerDaemon, remove_residue
+from dfly.peer.tap import GC_INTERVAL, PeerDaemon, remove_residue, uploader_gate
 from dfly.peer.uploader import UploadStore
 from dfly.ratelimit import HostLimit
 from dfly.services import ListeningService, LogObserverService, tcp_endpoint
@@ -129,6 +129,8 @@ def dfdaemon_config(options: dict[str, Any]) -> DfdaemonFileConfig:
         raise ValueError("no supernode: give --node host[:port] or nodes in the config file")
     if config.ca_bundle is not None:
         upstream_policy(config.ca_bundle, False)  # an unreadable bundle stops the start with its reason
+    if config.cluster_ca is not None:
+        upstream_policy(config.cluster_ca, False)  # clusterCa too
     if config.hijack_cert is not None:
         check_hijack_ca(config)
     home = os.path.abspath(os.path.expanduser(config.home))
@@ -214,12 +216,17 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     limit = HostLimit(config.ratelimit, reactor)
     uploads = UploadStore(reactor, limit.tx, write_idle=config.write_idle_timeout,
                           per_client=config.max_uploads_per_client)
-    engine = PeerEngine(reactor, http, home, uploads=uploads, limit=limit, timeouts=config.timeouts)
+    # The cluster (supernode, CDN, peers) is trusted by clusterCa alone, on a pool of its own.
+    cluster_http, cluster_pool = cluster_client(reactor, config.cluster_ca, config.timeouts.connect)
+    engine = PeerEngine(reactor, http, home, uploads=uploads, limit=limit, timeouts=config.timeouts,
+                        cluster_token=config.cluster_token, cluster_tls=config.cluster_ca is not None,
+                        cluster_http=cluster_http)
     token = secrets.token_hex(16)
     # The embedded local API parses JSON: bounded bodies.  The proxy port
     # below relays registry uploads of many MiB and keeps its plain Site.
     peer = ListeningService(tcp_endpoint(reactor, config.peer_port, "0.0.0.0"),
-                            BoundedSite(LocalApi(engine, token, uploads).resource()), "peer server")
+                            BoundedSite(LocalApi(engine, token, uploads).resource(),
+                                        cluster_gate=uploader_gate(config.cluster_token, reactor)), "peer server")
 
     # Two agents, two pools: a connection made without verification never serves a verified request.
     agent, proxy_pool = agent_for(reactor, policy)
@@ -231,7 +238,8 @@ def build_service(config: DfdaemonFileConfig, reactor: Any) -> DfdaemonParts:
     log_file = open_log(os.path.join(logs, "dfdaemon.log"))
     LogObserverService(line_observer(log_file, make_sign(os.getpid(), reactor.seconds())), log_file.close).setServiceParent(top)
     daemon_config = PeerConfig(home=home.root, port=config.peer_port, alivetime=0)
-    PeerDaemon(home, engine, uploads, peer, token, daemon_config, reactor, lambda: None, pool).setServiceParent(top)
+    PeerDaemon(home, engine, uploads, peer, token, daemon_config, reactor, lambda: None, pool,
+               cluster_pool).setServiceParent(top)
     _Housekeeping(None if localrepo == home.data else localrepo, uploads, (proxy_pool, insecure_pool),
                   reactor).setServiceParent(top)
     peer.setServiceParent(top)

@@ -28,6 +28,7 @@ import dfly
 from dfly import codes
 from dfly.config import (
     DEFAULT_DFGET_CONFIG,
+    DfgetFileConfig,
     Home,
     default_home,
     NodeTimeouts,
@@ -133,6 +134,7 @@ def build_request(opts: dict[str, Any], sign: str) -> DownloadRequest:
     config_path = opts["config"]
     file_config = load_dfget_config(config_path, required=config_path != DEFAULT_DFGET_CONFIG)
     opts["timeouts"] = file_config.timeouts  # for a download in this process (no daemon)
+    opts["cluster"] = file_config  # its clusterToken and clusterCa, likewise
     nodes = parse_nodes(opts["node"]) if opts["node"] else file_config.nodes
     if opts["output"]:
         # The user's own -o: ``~`` means their home, and an existing file is replaced.
@@ -301,13 +303,18 @@ def download_via_daemon(meta: dict[str, Any], req: DownloadRequest, show: Show) 
 
 
 def download_in_process(home: Home, req: DownloadRequest, show: Show,
-                        timeouts: NodeTimeouts = NodeTimeouts()) -> DownloadResult:
-    """No daemon could run: the same engine, in this process, for this one download."""
+                        timeouts: NodeTimeouts = NodeTimeouts(), cluster: DfgetFileConfig | None = None,
+                        ) -> DownloadResult:
+    """No daemon could run: the same engine, in this process, for this one download.
+
+    ``cluster`` is dfget.yml's: its clusterToken and clusterCa (this engine
+    serves no pieces, so it needs no uploader gate).
+    """
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
     from twisted.logger import globalLogBeginner
 
-    from dfly.httpclient import make_http_client
+    from dfly.httpclient import cluster_client, make_http_client
     from dfly.logs import is_dfly_event, line_observer
     from dfly.peer.engine import PeerEngine
 
@@ -317,10 +324,16 @@ def download_in_process(home: Home, req: DownloadRequest, show: Show,
 
     async def go() -> None:
         http, pool = make_http_client(reactor, connect_timeout=timeouts.connect)
+        ca = cluster.cluster_ca if cluster is not None else None
+        cluster_http, cluster_pool = cluster_client(reactor, ca, timeouts.connect)
+        engine = PeerEngine(reactor, http, home, timeouts=timeouts, cluster_http=cluster_http, cluster_tls=ca is not None,
+                            cluster_token=cluster.cluster_token if cluster is not None else None)
         try:
-            results.append(await PeerEngine(reactor, http, home, timeouts=timeouts).download(req, show))
+            results.append(await engine.download(req, show))
         finally:
             await pool.closeCachedConnections()
+            if cluster_pool is not None:
+                await cluster_pool.closeCachedConnections()
 
     Deferred.fromCoroutine(go()).addErrback(results.append).addBoth(lambda _: reactor.stop())
     reactor.run()
@@ -386,7 +399,7 @@ def run(opts: Options) -> int:
                                         "the peer daemon stopped during the download")
         else:
             log.write("info", "no peer daemon: downloading in this process")
-            result = download_in_process(home, req, show, opts.get("timeouts", NodeTimeouts()))
+            result = download_in_process(home, req, show, opts.get("timeouts", NodeTimeouts()), opts.get("cluster"))
     except KeyboardInterrupt:
         # Closing our connection is what cancels the daemon's download.
         print("dfget: interrupted", file=sys.stderr)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 import hyperlink
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.endpoints import HostnameEndpoint
@@ -26,12 +28,12 @@ from twisted.internet.error import ConnectionRefusedError as Refused
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.http_headers import Headers
 
 import dfly
 from dfly import codes
-from dfly.codes import PEER_SECRET_HEADER, TASK_KEY_HEADER
+from dfly.codes import CLUSTER_TOKEN_HEADER, PEER_SECRET_HEADER, TASK_KEY_HEADER
 from dfly.config import Home, NodeTimeouts, format_node
 from dfly.httpclient import BodyTooLarge, read_limited
 from dfly.jsonapi import parse_json
@@ -221,6 +223,14 @@ class PeerEngine:
     uploads: UploadStore | None = None  # None: this engine serves no pieces (no uploader)
     limit: HostLimit = attrs.field(default=None)  # --totallimit, shared with the uploader
     fetch_slots: HostFetchSlots = attrs.Factory(HostFetchSlots)  # PER_HOST_FETCHES piece fetches per host
+    # The cluster (``clusterToken``, ``clusterCa``): the token goes on every request to a supernode,
+    # its CDN port and peers' uploaders; with ``cluster_tls`` the API is dialled with https, and
+    # so is the CDN when its piece tasks say ``scheme: https``.  ``cluster_http`` (None: ``http``)
+    # makes those requests: with TLS it trusts the cluster's CA only, while ``http`` (back to
+    # source) keeps the system's roots.
+    cluster_token: str | None = attrs.field(default=None, repr=False)
+    cluster_tls: bool = False
+    cluster_http: Any = None
     active: int = 0
     last_active: float = 0.0  # when the last download ended (for the daemon's idle exit)
     _resumable: set[str] = attrs.Factory(set)  # working files of running resumable downloads
@@ -557,17 +567,19 @@ class PeerEngine:
                    body: Any = None, timeout: float | None = None, secret: str | None = None,
                    ) -> tuple[int, dict[str, Any]]:
         host, port = node
-        url = hyperlink.URL(scheme="http", host=host, port=port, path=tuple(path.strip("/").split("/")))
+        url = hyperlink.URL(scheme=self._api_scheme, host=host, port=port, path=tuple(path.strip("/").split("/")))
         for key, value in params.items():
             url = url.add(key, str(value))
         kwargs: dict[str, Any] = {"timeout": timeout or self.timeouts.api, "reactor": self.reactor}
-        headers = {PEER_SECRET_HEADER: secret} if secret else {}
+        headers = self._cluster_headers()
+        if secret:
+            headers[PEER_SECRET_HEADER] = secret
         if body is not None:
             kwargs["data"] = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         if headers:
             kwargs["headers"] = headers
-        response = await self.http.request(method, url.to_text(), **kwargs)
+        response = await self._cluster.request(method, url.to_text(), **kwargs)
         try:
             raw = await read_limited(response, MAX_ANSWER)
         except BodyTooLarge as e:
@@ -580,6 +592,19 @@ class PeerEngine:
         except ValueError:
             raise _BadAnswer(codes.REASON_DOWNLOAD_ERROR, f"supernode {format_node(node)} answered {response.code} without a dfly JSON body") from None
         return response.code, answer
+
+    @property
+    def _cluster(self) -> Any:
+        """The client for requests into the cluster: ``cluster_http``, else the one client."""
+        return self.cluster_http if self.cluster_http is not None else self.http
+
+    @property
+    def _api_scheme(self) -> str:
+        return "https" if self.cluster_tls else "http"
+
+    def _cluster_headers(self) -> dict[str, str]:
+        """The headers every request into the cluster carries: the token, when there is one."""
+        return {CLUSTER_TOKEN_HEADER: self.cluster_token} if self.cluster_token else {}
 
     async def _unless_hung(self, node: tuple[str, int], call: Deferred[Any], every: bool = False) -> Any:
         """``call``'s result; cancelled as `_NodeHung` if ``node`` stops answering even ``/_ping``.
@@ -600,9 +625,12 @@ class PeerEngine:
 
         async def ping() -> None:
             host, port = node
-            url = hyperlink.URL(scheme="http", host=host, port=port, path=("_ping",)).to_text()
+            url = hyperlink.URL(scheme=self._api_scheme, host=host, port=port, path=("_ping",)).to_text()
             try:
-                response = await self.http.get(url, timeout=self.ping_timeout, reactor=self.reactor)
+                # /_ping needs no token; it goes with it anyway, like every request into the cluster.
+                headers = self._cluster_headers()
+                response = await self._cluster.get(url, timeout=self.ping_timeout, reactor=self.reactor,
+                                                       **({"headers": headers} if headers else {}))
                 abort_body(response)
                 if response.code == 200:
                     self._heard[node] = self.reactor.seconds()
@@ -705,9 +733,9 @@ class PeerEngine:
                 }
                 status, answer = await self._unless_hung(node, Deferred.fromCoroutine(
                     self._api(node, "POST", "/peer/registry", body=body, timeout=self.register_timeout)))
-            except (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _P2PFailed, _NodeHung) as e:
+            except (ConnectError, DNSLookupError, TimeoutError, *_NO_RESPONSE, _P2PFailed, _NodeHung) as e:
                 _stop_if_cancelled(run)
-                error = e.error if isinstance(e, _P2PFailed) else (str(e) or type(e).__name__)
+                error = _describe_error(e)
                 log.warn("do register to {node} failed: {error}", node=where, error=error, sign=req.sign)
                 errors.append(f"{where}: {error}")
                 self.health.failed(node, error, down=isinstance(e, (_NodeHung, Refused)))
@@ -1001,32 +1029,38 @@ class PeerEngine:
         try:
             host, port, path = str(piece["peerIp"]), int(piece["peerPort"]), str(piece["path"])
             digest = str(piece["pieceDigest"])
+            # A supernode with TLS marks its CDN's pieces; peers' uploaders speak http.
+            scheme = piece.get("scheme", "http")
+            if scheme not in ("http", "https"):
+                raise ValueError(f"unknown scheme {scheme!r}")
         except (KeyError, ValueError, TypeError) as e:
             raise _PieceFailed("invalid", f"malformed piece task {piece!r}: {e}") from None
         slot = await self.fetch_slots.acquire((host, port))
         try:
-            return await self._fetch_range(run, host, port, path, digest, expected, key)
+            return await self._fetch_range(run, scheme, host, port, path, digest, expected, key)
         finally:
             slot.release()
 
-    async def _fetch_range(self, run: _Run, host: str, port: int, path: str, digest: str,
+    async def _fetch_range(self, run: _Run, scheme: str, host: str, port: int, path: str, digest: str,
                            expected: tuple[int, int], key: str) -> tuple[int, str]:
         start, end = expected
         length = end - start + 1
         target = hyperlink.URL.from_text(path)
-        url = hyperlink.URL(scheme="http", host=host, port=port, path=target.path)
+        url = hyperlink.URL(scheme=scheme, host=host, port=port, path=target.path)
         headers = Headers({"Range": [f"bytes={start}-{end}"]})
         if key:
             headers.setRawHeaders(TASK_KEY_HEADER, [key])  # out of URLs, so out of every access log
+        if self.cluster_token:
+            headers.setRawHeaders(CLUSTER_TOKEN_HEADER, [self.cluster_token])
         try:
-            response = await self.http.get(url.to_text(), headers=headers, unbuffered=True,
+            response = await self._cluster.get(url.to_text(), headers=headers, unbuffered=True,
                                            timeout=self.timeouts.api, reactor=self.reactor)
         except (ConnectError, DNSLookupError) as e:
             raise _PieceFailed("unreachable", f"cannot reach {host}:{port}: {e}") from None
-        except (TimeoutError, ResponseFailed) as e:
+        except (TimeoutError, *_NO_RESPONSE) as e:
             # treq's timeout surfaces as ResponseNeverReceived; a bare
             # CancelledError is our own download ending, and propagates.
-            raise _PieceFailed("timeout", f"no answer from {host}:{port}: {e}") from None
+            raise _PieceFailed("timeout", f"no answer from {host}:{port}: {_describe_error(e)}") from None
         if response.code != 206:
             abort_body(response)
             kind = "not found" if response.code == 404 else "refused"
@@ -1188,18 +1222,35 @@ class PeerEngine:
         return self.run_blocking(lambda: f(*args))
 
 
+#: No answer came: the connection broke, timed out, or (TLS) its handshake failed
+#: before the request was sent (RequestTransmissionFailed) or after.
+_NO_RESPONSE = (ResponseFailed, RequestTransmissionFailed)
+
+
 def _is_network_error(e: BaseException) -> bool:
     """The supernode cannot be reached or used (as opposed to a bug of ours)."""
-    return isinstance(e, (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, _BadAnswer, _NodeHung))
+    return isinstance(e, (ConnectError, DNSLookupError, TimeoutError, *_NO_RESPONSE, _BadAnswer, _NodeHung))
 
 
 def _describe_error(e: BaseException) -> str:
     if isinstance(e, _P2PFailed):
         return e.error
-    if isinstance(e, ResponseFailed) and e.reasons:
+    if isinstance(e, _NO_RESPONSE) and e.reasons:
         # A timeout cancels the request: its reason, a CancelledError, has no message.
-        return "; ".join(r.getErrorMessage() or _no_answer(r.value) for r in e.reasons)
+        return "; ".join(_tls_error(r.value) or r.getErrorMessage() or _no_answer(r.value) for r in e.reasons)
     return str(e) or _no_answer(e)
+
+
+def _tls_error(e: BaseException) -> str | None:
+    """Words for a failed TLS handshake with a supernode (or its CDN): what to check."""
+    if isinstance(e, SSL.Error):
+        return (f"TLS handshake failed ({e.args[0] if e.args else e}): is the certificate signed by clusterCa, "
+                "and still valid?")
+    if isinstance(e, VerificationError):
+        ids = [error.mismatched_id for error in e.errors if hasattr(error, "mismatched_id")]
+        dialled = ", ".join(str(getattr(i, "ip", None) or getattr(i, "hostname", i)) for i in ids) or "what was dialled"
+        return f"TLS: the certificate does not name {dialled} (its SANs must hold the name or address peers dial)"
+    return None
 
 
 def _no_answer(e: BaseException) -> str:

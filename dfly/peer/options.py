@@ -40,6 +40,8 @@ class PeerConfig:
     timeouts: NodeTimeouts = NodeTimeouts()
     write_idle_timeout: float = WRITE_IDLE_TIMEOUT  # an upload whose client reads nothing this long is aborted
     max_uploads_per_client: int = MAX_UPLOADS_PER_CLIENT  # uploads one client address holds at once
+    cluster_token: str | None = attrs.field(default=None, repr=False)  # clusterToken of dfget.yml
+    cluster_ca: str | None = None  # clusterCa of dfget.yml: https to the supernode, verified against it
 
 
 class Options(usage.Options):
@@ -70,7 +72,8 @@ class Options(usage.Options):
          "When a download's supernode is lost, retry the nodes this long (a restart) before going to the "
          "source [default: rejoinWait, else 10s]."],
         ["config", None, DEFAULT_DFGET_CONFIG,
-         "dfget.yml to take totalLimit and the timeouts from (optional at the default path)."],
+         "dfget.yml to take totalLimit, the timeouts, the upload bounds, clusterToken and clusterCa from "
+         "(optional at the default path)."],
         ["writeidletimeout", None, None,
          "Abort an upload whose client has read nothing for this long [default: writeIdleTimeout, else 60s]."],
         ["maxuploadsperclient", None, None,
@@ -124,6 +127,12 @@ class Options(usage.Options):
                 total_limit=total_limit or 0,
                 timeouts=attrs.evolve(file_config.timeouts, **given),
                 **bounds,
+                cluster_token=file_config.cluster_token,
+                cluster_ca=file_config.cluster_ca,
             )
+            if file_config.cluster_ca is not None:
+                from dfly.httpclient import upstream_policy  # here: dfget's own runs need no HTTP stack
+
+                upstream_policy(file_config.cluster_ca, False)  # an unreadable CA stops the start with its reason
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

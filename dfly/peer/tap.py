@@ -24,7 +24,8 @@ from twisted.web.client import HTTPConnectionPool
 
 import dfly
 from dfly.config import Home
-from dfly.httpclient import make_http_client
+from dfly.clustertoken import ClusterGate, uploader_paths
+from dfly.httpclient import cluster_client, make_http_client
 from dfly.logs import is_client_event, line_observer, make_sign, open_log
 from dfly.peer.engine import PeerEngine
 from dfly.peer.hostmeta import remove_host_meta, write_host_meta
@@ -76,6 +77,11 @@ def remove_residue(directory: str, keep: set[str], now: float, ours: re.Pattern[
                 remove_quietly(path)
 
 
+def uploader_gate(token: str | None, clock: Any) -> ClusterGate | None:
+    """The cluster token's check on a peer server: its uploader (``/peer/``), not the local API."""
+    return ClusterGate(token, clock, "uploader", uploader_paths) if token is not None else None
+
+
 class DaemonLockHeld(Exception):
     pass
 
@@ -85,7 +91,7 @@ class PeerDaemon(Service):
 
     def __init__(self, home: Home, engine: PeerEngine, uploads: UploadStore, listener: ListeningService,
                  token: str, config: PeerConfig, clock: Any, on_idle: Callable[[], None],
-                 pool: HTTPConnectionPool) -> None:
+                 pool: HTTPConnectionPool, cluster_pool: HTTPConnectionPool | None = None) -> None:
         self.home = home
         self.engine = engine
         self.uploads = uploads
@@ -97,6 +103,7 @@ class PeerDaemon(Service):
         self.clock = clock
         self.on_idle = on_idle
         self.pool = pool
+        self.cluster_pool = cluster_pool  # the cluster's own client (clusterCa), when it has one
         self._lock_fd: int | None = None
         self._idle_check: LoopingCall | None = None
         self._collect = LoopingCall(self.collect)
@@ -170,7 +177,8 @@ class PeerDaemon(Service):
         leaving = [self.engine.expire(held) for held in self.uploads.held() if held.finished]
         done = gatherResults(leaving, consumeErrors=True).addTimeout(LEAVE_TIMEOUT, self.clock)
         done.addErrback(lambda _: None)
-        return done.addBoth(lambda _: self.pool.closeCachedConnections())
+        pools = [self.pool] + ([self.cluster_pool] if self.cluster_pool is not None else [])
+        return done.addBoth(lambda _: gatherResults([p.closeCachedConnections() for p in pools]))
 
 
 @attrs.frozen
@@ -186,22 +194,29 @@ def build_service(config: PeerConfig, reactor: Any, on_idle: Callable[[], None] 
     home = Home(config.home)
     home.ensure()
     http, pool = make_http_client(reactor, connect_timeout=config.timeouts.connect)
+    cluster_http, cluster_pool = cluster_client(reactor, config.cluster_ca, config.timeouts.connect)
     limit = HostLimit(config.total_limit, reactor)
     uploads = UploadStore(reactor, limit.tx, write_idle=config.write_idle_timeout,
                           per_client=config.max_uploads_per_client)
-    engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads, limit=limit, timeouts=config.timeouts)
+    engine = PeerEngine(reactor, http, home, ip=config.ip, uploads=uploads, limit=limit, timeouts=config.timeouts,
+                        cluster_token=config.cluster_token, cluster_tls=config.cluster_ca is not None,
+                        cluster_http=cluster_http)
     token = secrets.token_hex(16)
     endpoint = tcp_endpoint(reactor, config.port, config.listen)
     # Other peers and local clients reach this port: request bodies are
     # bounded before they are buffered (the local API takes small JSON).
-    listener = ListeningService(endpoint, BoundedSite(LocalApi(engine, token, uploads).resource()), "peer server")
+    # The cluster token guards the uploader only: dfget has its own token.
+    listener = ListeningService(endpoint, BoundedSite(LocalApi(engine, token, uploads).resource(),
+                                                      cluster_gate=uploader_gate(config.cluster_token, reactor)),
+                                "peer server")
     top = MultiService()
     sign = make_sign(os.getpid(), reactor.seconds())
     server_log = open_log(home.log_file("dfserver.log"))
     client_log = open_log(home.log_file("dfclient.log"))
     LogObserverService(line_observer(server_log, sign, lambda e: not is_client_event(e)), server_log.close).setServiceParent(top)
     LogObserverService(line_observer(client_log, sign, is_client_event), client_log.close).setServiceParent(top)
-    daemon = PeerDaemon(home, engine, uploads, listener, token, config, reactor, on_idle or reactor.stop, pool)
+    daemon = PeerDaemon(home, engine, uploads, listener, token, config, reactor, on_idle or reactor.stop,
+                        pool, cluster_pool)
     daemon.setServiceParent(top)
     listener.setServiceParent(top)
     return PeerParts(top, engine, listener, daemon, uploads)

@@ -118,7 +118,7 @@ class SupernodeApi:
         self.advertise_ip = advertise_ip
         self.networks = networks
         self.limit = RegistrationLimit(tasks.clock, registration_rate)
-        self.refusals = RefusalLog(tasks.clock)
+        self.refusals = RefusalLog(tasks.clock, log)
         self.metrics = metrics_registry(tasks)
 
     def _authorize(self, request: IRequest, task_id: str, cid: str) -> None:

@@ -29,6 +29,8 @@ from dfly.config import (
     parse_positive_duration,
     parse_size,
 )
+from dfly.clustertls import TLSServerEndpoint, server_tls
+from dfly.clustertoken import ClusterGate, all_but_ping, every_path
 from dfly.httpclient import make_http_client, upstream_policy
 from dfly.logs import line_observer, open_log
 from dfly.webbounds import BoundedSite
@@ -151,6 +153,8 @@ def supernode_config(options: dict[str, Any]) -> SupernodeFileConfig:
         raise ValueError(f"config file {path}: {e}") from None
     if config.ca_bundle is not None:
         upstream_policy(config.ca_bundle, False)  # an unreadable bundle stops the start with its reason
+    if config.tls_cert is not None and config.tls_key is not None:
+        server_tls(config.tls_cert, config.tls_key)  # so does a bad certificate or key, or a pair that does not match
     return attrs.evolve(config, home=os.path.abspath(os.path.expanduser(config.home)))
 
 
@@ -273,14 +277,26 @@ def build_service(config: SupernodeFileConfig, reactor: Any) -> SupernodeParts:
     log_file = open_log(os.path.join(config.home, "logs", "supernode.log"))
     LogObserverService(line_observer(log_file, str(os.getpid())), log_file.close).setServiceParent(top)
     _Supernode(tasks, pool, reactor, config, disk).setServiceParent(top)
+    api_endpoint = tcp_endpoint(reactor, config.port, config.listen)
+    cdn_endpoint = tcp_endpoint(reactor, config.download_port, config.listen)
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = server_tls(config.tls_cert, config.tls_key)
+        api_endpoint, cdn_endpoint = TLSServerEndpoint(api_endpoint, tls), TLSServerEndpoint(cdn_endpoint, tls)
+        tasks.cdn_scheme = "https"  # pieces from the CDN say so: peers dial it with TLS
+        log.info("TLS on the register API and the CDN port, with the certificate {cert}", cert=config.tls_cert)
+    api_gate = cdn_gate = None
+    if config.cluster_token is not None:
+        api_gate = ClusterGate(config.cluster_token, reactor, "register API", all_but_ping)
+        cdn_gate = ClusterGate(config.cluster_token, reactor, "CDN", every_path)
     api_listener = ListeningService(
-        tcp_endpoint(reactor, config.port, config.listen), BoundedSite(api.resource(), access_log=config.access_log), "register API"
+        api_endpoint, BoundedSite(api.resource(), access_log=config.access_log, cluster_gate=api_gate), "register API"
     )
     cdn_listener = ListeningService(
-        tcp_endpoint(reactor, config.download_port, config.listen),
+        cdn_endpoint,
         BoundedSite(CdnFiles(cache, reactor, TokenBucket(config.max_upload_bandwidth, reactor), tasks.key_for,
                       tasks.cache_file_missing, disk.run, write_idle=config.write_idle_timeout,
-                      per_client=config.max_uploads_per_client), access_log=config.access_log),
+                      per_client=config.max_uploads_per_client), access_log=config.access_log,
+                cluster_gate=cdn_gate),
         "CDN",
     )
     # Peers must be told the CDN port actually bound (it may have been 0).

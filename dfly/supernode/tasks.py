@@ -183,6 +183,7 @@ class TaskManager:
     revalidate_window: float = 5.0
     quota: DiskQuota | None = None  # None: no disk quota (tests of the rest)
     counters: PullCounters = attrs.Factory(PullCounters)
+    cdn_scheme: str = "http"  # "https" when the CDN port speaks TLS: its piece tasks then carry ``scheme``
     reports: int = 0
     tasks: dict[str, Task] = attrs.Factory(dict)  # every version in memory, by its id
     current: dict[str, Task] = attrs.Factory(dict)  # base id -> the version new registrants get
@@ -689,6 +690,8 @@ class TaskManager:
         if source == CDN:
             info.update(cid=f"{CDN}{cdn_ip}~{task.task_id}", peerIp=cdn_ip, peerPort=cdn_port,
                         path=self.cache.url_path(task.task_id))
+            if self.cdn_scheme != "http":
+                info["scheme"] = self.cdn_scheme  # absent: http (peers' uploaders, a CDN without TLS)
         else:
             holder = task.peers[source]
             info.update(cid=source, peerIp=holder.ip, peerPort=holder.port,
