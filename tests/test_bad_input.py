@@ -572,6 +572,14 @@ class NonUtf8PathTests(LoopbackPeerDaemon):
         self.assertJsonError(received, 400)
         self.assertEqual(self.log.events, [])
 
+    async def test_host_that_is_no_host_name_is_400_json(self) -> None:
+        """``Host: a..b`` and a 64-character label (werkzeug's BadHost): 400 JSON, nothing logged as an error."""
+        await self.start_daemon()
+        for host in (b"a..b", b"a" * 64):
+            received = await self.exchange(b"GET /_ping HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host)
+            self.assertEqual(self.assertJsonError(received, 400)["code"], codes.PARAM_ERROR)
+        self.assertEqual(self.log.events, [])
+
     async def test_head_of_non_utf8_path_is_400_without_body(self) -> None:
         """``HEAD /%ff``: 400 and no body."""
         await self.start_daemon()
