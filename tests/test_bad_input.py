@@ -326,6 +326,17 @@ class LocalApiUserinfoTests(SynchronousTestCase):
         self.assertEqual(last["error"], "internal error in the peer daemon (see its log)")  # "boom": the log only
 
 
+    def test_fields_of_the_wrong_type_are_400_json(self) -> None:
+        """A digest, header or filter key that is no string, a timeout that is NaN or infinite: 400, not a 500."""
+        for changes in ({"digest": -1.5}, {"digest": ["sha256:" + "0" * 64]}, {"headers": [1]},
+                        {"filter": [None]}, {"timeout": float("nan")}, {"timeout": float("inf")}):
+            engine = RecordingEngine()
+            status, body = post_download(self, local_api(engine), download_body("http://127.0.0.1:9/f", **changes))
+            self.assertEqual((status, json.loads(body)["code"]), (400, codes.PARAM_ERROR), changes)
+            self.assertEqual(engine.requests, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 # --- 2. deeply nested JSON -----------------------------------------------------------
 
 
