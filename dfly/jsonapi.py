@@ -129,22 +129,34 @@ def query_int(request: IRequest, name: str, required: bool = True, default: int 
 
 
 class _JsonKleinResource(KleinResource):
-    """Klein's resource, answering a non-UTF-8 path or Host itself: 400 JSON, nothing logged.
+    """Klein's resource, answering a non-UTF-8 path or a Host that is no host name itself: 400 JSON, nothing logged.
 
     Klein decodes both as UTF-8 before routing; when that fails it logs the
     UnicodeDecodeError with its traceback (``log.err``: critical) and
-    answers 400 in HTML.  Anyone can send ``GET /%ff``, so it is not worth
-    a traceback; the checks here are the ones klein makes.
+    answers 400 in HTML.  werkzeug then IDNA-encodes the host
+    (``Map.bind``), and a label it cannot encode (``Host: a..b``, a label
+    over 63 characters) raises ``BadHost`` outside klein's error handlers:
+    a traceback and a 500 in HTML.  Anyone can send ``GET /%ff`` or such a
+    Host, so neither is worth a traceback; the checks here are the ones
+    klein and werkzeug make.
     """
 
     def render(self, request: IRequest) -> Any:
         try:
             b"/".join(request.prepath + request.postpath).decode("utf-8")
-            request.getRequestHostname().decode("utf-8")
+            host = request.getRequestHostname().decode("utf-8")
         except UnicodeDecodeError:
-            body = error_body(request, bad_request("the request path or Host header is not UTF-8"))
-            return b"" if request.method == b"HEAD" else body
+            return _refused(request, "the request path or Host header is not UTF-8")
+        try:
+            host.lower().partition(":")[0].encode("idna")  # as werkzeug's Map.bind does
+        except UnicodeError:
+            return _refused(request, "the Host header is not a valid host name")
         return super().render(request)
+
+
+def _refused(request: IRequest, msg: str) -> bytes:
+    body = error_body(request, bad_request(msg))
+    return b"" if request.method == b"HEAD" else body
 
 
 class _JsonKlein(Klein):

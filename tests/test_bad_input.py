@@ -335,6 +335,17 @@ class LocalApiUserinfoTests(SynchronousTestCase):
         self.assertEqual(last["error"], "internal error in the peer daemon (see its log)")  # "boom": the log only
 
 
+    def test_fields_of_the_wrong_type_are_400_json(self) -> None:
+        """A digest, header or filter key that is no string, a timeout that is NaN or infinite: 400, not a 500."""
+        for changes in ({"digest": -1.5}, {"digest": ["sha256:" + "0" * 64]}, {"headers": [1]},
+                        {"filter": [None]}, {"timeout": float("nan")}, {"timeout": float("inf")}):
+            engine = RecordingEngine()
+            status, body = post_download(self, local_api(engine), download_body("http://127.0.0.1:9/f", **changes))
+            self.assertEqual((status, json.loads(body)["code"]), (400, codes.PARAM_ERROR), changes)
+            self.assertEqual(engine.requests, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 # --- 2. deeply nested JSON -----------------------------------------------------------
 
 
@@ -579,6 +590,14 @@ class NonUtf8PathTests(LoopbackPeerDaemon):
         await self.start_daemon()
         received = await self.exchange(b"GET /_ping HTTP/1.1\r\nHost: \xff\r\nConnection: close\r\n\r\n")
         self.assertJsonError(received, 400)
+        self.assertEqual(self.log.events, [])
+
+    async def test_host_that_is_no_host_name_is_400_json(self) -> None:
+        """``Host: a..b`` and a 64-character label (werkzeug's BadHost): 400 JSON, nothing logged as an error."""
+        await self.start_daemon()
+        for host in (b"a..b", b"a" * 64):
+            received = await self.exchange(b"GET /_ping HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host)
+            self.assertEqual(self.assertJsonError(received, 400)["code"], codes.PARAM_ERROR)
         self.assertEqual(self.log.events, [])
 
     async def test_head_of_non_utf8_path_is_400_without_body(self) -> None:

@@ -345,3 +345,12 @@ class CdnFilesTests(CacheTestCase):
         """Only regular files are served, even at a task's path."""
         os.makedirs(self.cache.data_path(OTHER))
         self.assertEqual(self.status(f"/download/{OTHER[:3]}/{OTHER}"), 404)
+
+    def test_other_methods_are_405(self) -> None:
+        """PUT, DELETE and unknown methods on a data file: 405 with Allow, never twisted.web's 501."""
+        for method in ("PUT", "DELETE", "FOO"):
+            d = self.http.request(method, "http://cdn.test" + CdnCache.url_path(TID))
+            self.http.flush()
+            response = self.successResultOf(d)
+            self.successResultOf(treq.content(response))
+            self.assertEqual((response.code, response.headers.getRawHeaders(b"allow")), (405, [b"GET, HEAD"]), method)

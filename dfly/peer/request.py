@@ -6,6 +6,7 @@ the CLI imports this, never the engine, on its usual path.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
@@ -125,12 +126,18 @@ def request_from_json(body: Mapping[str, Any]) -> DownloadRequest:
             raise ValueError("give md5 or identifier, not both")
         if md5 is not None and (not isinstance(md5, str) or not is_md5(md5)):
             raise ValueError(f"invalid md5 {md5!r}: expected 32 hex digits")
-        digest = parse_digest(body["digest"]) if body.get("digest") else None
+        digest_text = body.get("digest") or None
+        if digest_text is not None and not isinstance(digest_text, str):
+            raise ValueError(f"invalid digest {digest_text!r}: expected sha256:<64 hex digits> or md5:<32 hex digits>")
+        digest = parse_digest(digest_text) if digest_text else None
         headers = body.get("headers") or []
-        if not isinstance(headers, list):
+        if not isinstance(headers, list) or not all(isinstance(h, str) for h in headers):
             raise ValueError("headers must be a list of 'Name: value' strings")
+        filter_spec = body.get("filter")
+        if isinstance(filter_spec, list) and not all(isinstance(k, str) for k in filter_spec):
+            raise ValueError("filter must be 'k1&k2' or a list of query keys")
         timeout = body.get("timeout", 0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < math.inf:
             raise ValueError(f"invalid timeout {timeout!r}")
         return DownloadRequest(
             url=url,
@@ -141,7 +148,7 @@ def request_from_json(body: Mapping[str, Any]) -> DownloadRequest:
             md5=md5.lower() if md5 else None,
             identifier=identifier,
             digest=digest,
-            filter=parse_filter(body.get("filter")),
+            filter=parse_filter(filter_spec),
             timeout=float(timeout),
             min_rate=parse_size(body.get("minRate", 64 << 10)),
             back_source=not body.get("notbs", False),

@@ -124,7 +124,9 @@ class SupernodeApi:
     def _authorize(self, request: IRequest, task_id: str, cid: str) -> None:
         """The call about ``cid`` carries the secret its registration got (`dfly.supernode.peerauth`)."""
         try:
-            self.tasks.authorize(task_id, cid, request.getHeader(codes.PEER_SECRET_HEADER))
+            # By its bytes name: a str name makes twisted decode the value as UTF-8, which raises
+            # for any other bytes (a 500 and a traceback for one bad header).
+            self.tasks.authorize(task_id, cid, request.getHeader(codes.PEER_SECRET_HEADER.encode()))
         except ApiError as e:
             if e.status == 401:
                 self.refusals.refused(_client(request), "a call without its peer secret", e.msg)

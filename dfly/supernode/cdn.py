@@ -250,6 +250,21 @@ def parse_byte_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def _other_method(request: IRequest) -> bytes | None:
+    """The 405 body for a method other than GET and HEAD, or None.
+
+    twisted.web answers a method outside GET, HEAD and POST (``PUT``,
+    ``DELETE``, an unknown token) with ``501 Not Implemented``: a 5xx that
+    anyone can provoke.
+    """
+    if request.method in (b"GET", b"HEAD"):
+        return None
+    request.setResponseCode(405)
+    request.setHeader(b"allow", b"GET, HEAD")
+    request.setHeader(b"content-type", b"text/plain")
+    return b"dfly CDN: GET or HEAD only\n"
+
+
 class CdnFiles(resource.Resource):
     """``GET /download/<id[:3]>/<id>`` (optionally with one Range), nothing else.
 
@@ -316,6 +331,9 @@ class _CachedFile(resource.Resource):
         self._bucket = bucket
         self._read = read
         self._files = files  # the port's slots, refusal log and write-idle timeout
+
+    def render(self, request: IRequest) -> Any:
+        return _other_method(request) or super().render(request)
 
     def render_HEAD(self, request: IRequest) -> bytes:
         opened = self._open(request)

@@ -37,7 +37,7 @@ class PeerAuthTests(IntegrationTestCase):
         self.file = self.serve("f.bin", os.urandom(5000))
         return f"http://127.0.0.1:{api.getHost().port}"
 
-    async def call(self, api: str, method: str, path: str, secret: str | None = None, body: Any = None,
+    async def call(self, api: str, method: str, path: str, secret: str | bytes | None = None, body: Any = None,
                    bind: str | None = None, **params: str) -> tuple[int, dict[str, Any]]:
         """One request, from 127.0.0.1 or (``bind``) another loopback address."""
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -79,6 +79,16 @@ class PeerAuthTests(IntegrationTestCase):
                              ("/peer/piece/error", {"cid": "victim", "range": "0-4999", "kind": "unreachable"})):
             status, answer = await self.call(api, "GET", path, mine, taskId=tid, **params)
             self.assertEqual((status, answer["code"]), (401, codes.PEER_UNAUTHORIZED), (path, answer))
+
+    async def test_a_secret_that_is_not_utf8_is_401(self) -> None:
+        """A peer-secret header of any bytes is a wrong secret (401), not a 500 with a traceback."""
+        api = await self.supernode()
+        _, victim = await self.register(api, "victim")
+        tid = victim["data"]["taskId"]
+        for path, params in (("/peer/service/down", {"cid": "victim"}), ("/peer/task", {"srcCid": "victim"})):
+            status, answer = await self.call(api, "GET", path, b"X\x8d\xc3", taskId=tid, **params)
+            self.assertEqual((status, answer["code"]), (401, codes.PEER_UNAUTHORIZED), (path, answer))
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     async def test_an_advertised_address_must_be_the_client_s(self) -> None:
         """Else every honest peer would dial the "holder" at any internal host:port."""
