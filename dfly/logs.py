@@ -41,9 +41,11 @@ _SECRET_QUERY = re.compile(
     r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential"
     r"|sig|signature|token|access_token|policy|key-pair-id|password|secret)=)[^&\s\"'<>]+")
 #: Headers that carry credentials, as "Name: value" (a --header, a logged request).
-_SECRET_HEADER = re.compile(
-    r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie|x-api-key|private-token|x-auth-token"
-    r"|x-dfly-peer-secret|x-dfly-task-key|x-dfly-cluster-token)(\s*:\s*)[^,\"'\]\n]+")
+_HEADER_NAMES = (r"(?:authorization|proxy-authorization|cookie|set-cookie|x-api-key|private-token|x-auth-token"
+                 r"|x-dfly-peer-secret|x-dfly-task-key|x-dfly-cluster-token)")
+_SECRET_HEADER = re.compile(rf"(?i)\b({_HEADER_NAMES})(\s*:\s*)[^,\"'\]\n]+")
+#: The same headers in a Python repr: ``{'Cookie': 'v'}``, ``(b'cookie', [b'v'])``.
+_QUOTED_HEADER = re.compile(rf"""(?i)(b?(['"]){_HEADER_NAMES}\2\s*[:,]\s*\[?\s*b?)(['"])(?:(?!\3).)*\3""")
 #: The same secrets as JSON fields (a logged supernode answer holds the task key and the peer secret).
 _SECRET_FIELD = re.compile(r'(?i)("(?:key|peersecret|token|password|secret|authorization)"\s*:\s*)"[^"]*"')
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}")
@@ -58,6 +60,7 @@ def redact(message: str) -> str:
     """
     message = redact_userinfo(message)
     message = _SECRET_QUERY.sub(r"\1***", message)
+    message = _QUOTED_HEADER.sub(r"\1\3***\3", message)
     message = _SECRET_HEADER.sub(r"\1\2***", message)
     message = _SECRET_FIELD.sub(r'\1"***"', message)
     return _BEARER.sub(r"\1 ***", message)

@@ -64,3 +64,11 @@ class LogRedactionTests(IntegrationTestCase):
         self.assertEqual(redact("GET /b?X-Amz-Signature=abc&X-Amz-Date=1&sig=x"), "GET /b?X-Amz-Signature=***&X-Amz-Date=1&sig=***")
         self.assertEqual(redact("--header 'Authorization: Bearer abc.def.ghi'"), "--header 'Authorization: ***'")
         self.assertEqual(redact("http://u:p@h/x"), "http://***@h/x")
+
+    def test_redact_headers_in_a_python_repr(self) -> None:
+        """A logged dict or Headers repr hides credential header values, quoted with ' or ", str or bytes."""
+        self.assertEqual(redact("{'X-Dfly-Cluster-Token': 'abc123', 'Accept': 'x'}"),
+                         "{'X-Dfly-Cluster-Token': '***', 'Accept': 'x'}")
+        self.assertEqual(redact('Headers({b"x-dfly-task-key": [b"k3y"], b"range": [b"bytes=0-1"]})'),
+                         'Headers({b"x-dfly-task-key": [b"***"], b"range": [b"bytes=0-1"]})')
+        self.assertEqual(redact("(b'cookie', [b'session=1'])"), "(b'cookie', [b'***'])")
